@@ -62,6 +62,7 @@ class BenchmarkSpec:
     extra: str = ""  # the pip extra the scorer needs
     weights: tuple[str, ...] = ()  # official model ids the scorer loads
     scale_name: str = "mini"  # "mini" or "sd35m": which world the benchmark belongs to
+    images_from: str = ""  # reuse another benchmark's images (same prompts and generation settings)
     source: str = ""  # the file the spec was read from
 
     @property

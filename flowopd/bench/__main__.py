@@ -1,0 +1,5 @@
+import sys
+
+from flowopd.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,179 @@
+"""``python -m flowopd.bench``: list, evaluate, report, check, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flowopd.bench.spec import BenchmarkSpec, all_specs
+
+EXTRA_IMPORTS = {"ocr": ["rapidocr_onnxruntime"], "hps": [], "judge": [], "compbench": [], "deqa": []}
+
+
+def weights_cached(entry: str) -> bool:
+    """Whether an official weight (``repo`` or ``repo:file``) is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, filename = entry.partition(":")
+    if "/" not in repo:
+        return False
+    for name in [filename] if filename else ["config.json", "model_index.json", "preprocessor_config.json"]:
+        if isinstance(try_to_load_from_cache(repo, name), str):
+            return True
+    return False
+
+
+def runnable_status(spec: BenchmarkSpec) -> str:
+    """'yes', or what is missing to run the benchmark on this machine."""
+    import importlib.util
+
+    from flowopd.registry import import_string
+    from flowopd.scorers import SCORERS
+
+    target = SCORERS.target(spec.scorer)
+    if importlib.util.find_spec(target.partition(":")[0]) is None:
+        return f"no: scorer {spec.scorer!r} not implemented yet ({target})"
+    try:
+        cls = import_string(target)
+    except ImportError as e:
+        return f"no: {e} (pip install 'flowopd[{spec.extra}]')" if spec.extra else f"no: {e}"
+    missing: list[str] = []
+    if hasattr(cls, "missing_requirements"):
+        missing = list(cls.missing_requirements(**spec.scorer_options))
+    else:
+        for module in EXTRA_IMPORTS.get(spec.extra, []):
+            if importlib.util.find_spec(module) is None:
+                missing.append(f"pip install 'flowopd[{spec.extra}]'")
+        missing += [f"weights {w}" for w in spec.weights if not weights_cached(w)]
+    return "yes" if not missing else "no: " + ", ".join(missing)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from flowopd.data import PromptFileError, load_prompts
+
+    rows = [("benchmark", "scale", "prompts", "images", "scorer", "runnable here")]
+    for name, spec in sorted(all_specs().items(), key=lambda kv: (kv[1].scale_name != "mini", kv[0])):
+        try:
+            n = str(len(load_prompts(spec.prompts)))
+        except (PromptFileError, ImportError) as e:
+            n = "?"
+            if args.verbose:
+                print(f"{name}: {e}", file=sys.stderr)
+        images = str(spec.generation.images_per_prompt)
+        rows.append((name, spec.scale_name, n, images, spec.scorer, runnable_status(spec)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flowopd.bench.evaluate import evaluate
+    from flowopd.bench.report import markdown_summary
+
+    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
+    results = evaluate(
+        checkpoint=args.checkpoint,
+        benchmarks=benchmarks,
+        out=args.out,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        images=args.images,
+        base=args.base,
+        progress=not args.no_progress,
+    )
+    print(markdown_summary(results))
+    print(f"\nresults: {results['_path']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flowopd.bench.report import write_report
+
+    paths = write_report(args.runs, args.out, table_name=args.table, scale=args.scale)
+    print(Path(paths["md"]).read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from flowopd.bench.check import check_floors, load_thresholds
+    from flowopd.bench.results import load_results
+
+    results = load_results(args.results)
+    floors = load_thresholds(args.thresholds, args.section, results["checkpoint"])
+    failures = check_floors(results, floors)
+    for line in failures:
+        print(f"FAIL {line}")
+    if failures:
+        print(f"{len(failures)} of {len(floors)} metrics below their floors")
+        return 1
+    print(f"ok: {len(floors)} metrics at or above their floors")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flowopd.scorers.server import main as serve_main
+
+    return serve_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flowopd.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list benchmarks and whether they can run here")
+    p.add_argument("-v", "--verbose", action="store_true", help="say why a prompt count is unknown")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("evaluate", help="generate (resumable), score and aggregate")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="mini:NAME, a diffusers SD3 dir or hub id, or a LoRA adapter dir (default: mini:base)")
+    p.add_argument("--benchmarks", help="comma-separated names (default: all mini ones, or Table 1's four)")
+    p.add_argument("--out", help="run directory (default: runs/<checkpoint>)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N prompts of each benchmark")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--base", help="base model for a LoRA adapter checkpoint")
+    p.add_argument("--images", help="score images generated elsewhere (GenEval folders or <idx>.png)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="markdown, CSV and HTML report of one or more runs")
+    p.add_argument("runs", nargs="+", help="run directories or results.json files")
+    p.add_argument("--out", default="reports/out", help="output directory")
+    p.add_argument("--table", help="a table definition in reports/tables (e.g. table1)")
+    p.add_argument("--scale", default="mini", choices=["mini", "sd35m"])
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check", help="exit 1 when a metric is below its floor")
+    p.add_argument("results", help="a run directory or results.json")
+    p.add_argument("--thresholds", default="benchmarks/thresholds.toml")
+    p.add_argument("--section", help="the [floors.NAME] section (default: the checkpoint's, else default)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("serve", help="run a scorer behind a local HTTP server", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, OSError, ImportError) as e:
+        # one-line errors that name the culprit; tracebacks only with FLOWOPD_DEBUG=1
+        import os
+
+        if os.environ.get("FLOWOPD_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

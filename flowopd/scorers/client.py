@@ -1,0 +1,195 @@
+"""RemoteScorer: the Scorer protocol over HTTP, for a scorer served by ``flowopd.scorers.server``.
+
+Used wherever a scorer is (benchmark column, GRPO reward, OPD router): ``RemoteScorer("http://127.0.0.1:8765")``
+has the served scorer's ``name``, ``version``, ``higher_is_better`` and ``scale`` (read from ``GET /info``) and a
+``score(images, prompts, metadata) -> ScoreBatch`` that splits batches to the server's ``max_batch`` and
+request-size limit. Images are sent as 8-bit PNGs: the served scorer sees ``quantise_uint8(images)``, exactly
+what the image cache stores (see the server module's docstring for the wire format).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowopd.scorers.base import Scale, ScoreBatch, to_uint8_hwc
+from flowopd.scorers.server import WIRE_VERSION, decode_batch, encode_png
+
+# Bytes of JSON around each image (quotes, comma) and per request (keys, prompts excluded): for request sizing.
+_PER_IMAGE_OVERHEAD = 4
+_REQUEST_OVERHEAD = 64
+
+
+class ScorerServerUnreachable(ConnectionError):
+    """No scorer server answers at the URL (it is not started, or still loading past the start-up wait)."""
+
+
+class RemoteScorerError(RuntimeError):
+    """The scorer server answered with an error (bad request, too large, or the scorer itself failed)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RemoteScorer:
+    """A Scorer whose ``score`` runs in a scorer server (usually in another Python environment).
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:8765`` (what ``serve`` prints).
+        timeout: seconds to wait for one HTTP answer (a large batch on a big model can take minutes).
+        startup_wait: how long to keep retrying, with exponential backoff, while the connection is refused
+            (the server may still be loading its model); 0 fails at once.
+        expected_name: if given, the served scorer must have this name (guards against a server on the wrong
+            port); also used in the "start it with" hint when the server is down.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 600.0,
+        startup_wait: float = 60.0,
+        expected_name: str | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.startup_wait = startup_wait
+        self._hint_name = expected_name or "SCORER"
+        info = self._request("GET", "/info", retry_for=startup_wait)
+        if info.get("wire_version") != WIRE_VERSION:
+            raise RemoteScorerError(
+                f"scorer server at {self.url} speaks wire version {info.get('wire_version')!r}, this client "
+                f"{WIRE_VERSION}: install the same flowopd version in both environments"
+            )
+        if expected_name is not None and info["name"] != expected_name:
+            raise RemoteScorerError(
+                f"scorer server at {self.url} serves {info['name']!r}, expected {expected_name!r}: check the port"
+            )
+        self.name: str = info["name"]
+        self.version: str = info["version"]
+        self.higher_is_better: bool = bool(info["higher_is_better"])
+        self.scale = Scale(float(info["scale"]["low"]), float(info["scale"]["high"]))
+        self.max_batch: int = int(info["max_batch"])
+        self.max_request_bytes: int = int(info["max_request_bytes"])
+        self._hint_name = self.name
+
+    def __repr__(self) -> str:
+        return f"RemoteScorer({self.url!r}, name={self.name!r}, version={self.version!r})"
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+
+    def _unreachable(self, error: BaseException) -> ScorerServerUnreachable:
+        return ScorerServerUnreachable(
+            f"scorer server at {self.url} is not reachable: start it with "
+            f"`python -m flowopd.bench serve {self._hint_name}` (or its nox session, see docs/scorers/server.md) "
+            f"[{error}]"
+        )
+
+    def _request(self, method: str, path: str, payload: bytes | None = None, retry_for: float = 0.0) -> Any:
+        """One JSON request; retries while the connection is refused, for at most ``retry_for`` seconds."""
+        deadline = time.monotonic() + retry_for
+        delay = 0.05
+        while True:
+            req = urllib.request.Request(self.url + path, data=payload, method=method)
+            if payload is not None:
+                req.add_header("Content-Type", "application/json")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    data = resp.read()
+                break
+            except urllib.error.HTTPError as e:
+                raise self._http_error(e) from None
+            except OSError as e:  # URLError wraps most socket errors in .reason; some arrive bare
+                reason = e.reason if isinstance(e, urllib.error.URLError) else e
+                # Only a refused connection is certainly "not started yet" and safe to resend.
+                if isinstance(reason, ConnectionRefusedError) and time.monotonic() + delay <= deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                if isinstance(reason, TimeoutError):
+                    raise RemoteScorerError(
+                        f"scorer server at {self.url} did not answer {method} {path} within {self.timeout} s; "
+                        "pass a larger RemoteScorer(timeout=...) or send smaller batches"
+                    ) from e
+                if isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError):
+                    raise RemoteScorerError(
+                        f"scorer server at {self.url} dropped the connection during {method} {path} ({reason}); "
+                        "did it crash? see its log"
+                    ) from e
+                raise self._unreachable(reason) from e
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise RemoteScorerError(
+                f"the answer of {self.url}{path} is not JSON: is a flowopd scorer server listening there?"
+            ) from e
+
+    def _http_error(self, error: urllib.error.HTTPError) -> RemoteScorerError:
+        body = error.read()
+        try:
+            message = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = body.decode("utf-8", "replace")[:500] or error.reason
+        return RemoteScorerError(f"scorer server at {self.url} answered {error.code}: {message}", error.code)
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+
+    def _chunks(
+        self, pngs: Sequence[str], prompts: Sequence[str], metadata: Sequence[str]
+    ) -> Iterator[slice]:
+        """Consecutive slices within both ``max_batch`` and ``max_request_bytes``."""
+        start, size = 0, _REQUEST_OVERHEAD
+        for i in range(len(pngs)):
+            item = len(pngs[i]) + len(prompts[i]) + len(metadata[i]) + 3 * _PER_IMAGE_OVERHEAD
+            if item + _REQUEST_OVERHEAD > self.max_request_bytes:
+                raise RemoteScorerError(
+                    f"image {i} alone ({item} bytes encoded) exceeds the server's max_request_bytes="
+                    f"{self.max_request_bytes}; restart the server with a larger --max-request-bytes"
+                )
+            if i - start == self.max_batch or size + item > self.max_request_bytes:
+                yield slice(start, i)
+                start, size = i, _REQUEST_OVERHEAD
+            size += item
+        if start < len(pngs):
+            yield slice(start, len(pngs))
+
+    def score(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> ScoreBatch:
+        """Score on the server; identical to the served scorer's ``score(quantise_uint8(images), ...)``."""
+        arrays = to_uint8_hwc(images)
+        n = len(arrays)
+        if len(prompts) != n or len(metadata) != n:
+            raise ValueError(f"got {n} images, {len(prompts)} prompts and {len(metadata)} metadata rows")
+        if n == 0:
+            return ScoreBatch(np.zeros(0))
+        pngs = [encode_png(a) for a in arrays]
+        prompt_json = [json.dumps(p) for p in prompts]
+        meta_json = []
+        for i, m in enumerate(metadata):
+            try:
+                meta_json.append(json.dumps(dict(m), allow_nan=False))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"metadata[{i}] is not JSON-serialisable ({e}): {m!r}") from e
+        batches = []
+        for part in self._chunks(pngs, prompt_json, meta_json):
+            body = (
+                '{"images": ["' + '", "'.join(pngs[part]) + '"], '
+                '"prompts": [' + ", ".join(prompt_json[part]) + "], "
+                '"metadata": [' + ", ".join(meta_json[part]) + "]}"
+            ).encode("utf-8")
+            batches.append(
+                decode_batch(self._request("POST", "/score", body, retry_for=min(self.startup_wait, 5.0)))
+            )
+        return ScoreBatch.concat(batches)
+
+    def health(self) -> dict[str, Any]:
+        """The server's ``GET /health`` answer (status, scorer, requests and images scored so far)."""
+        return self._request("GET", "/health")

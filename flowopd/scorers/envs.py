@@ -1,0 +1,158 @@
+"""Pinned Python environments for the scorers whose official stacks conflict with ours.
+
+Each entry of ``SCORER_ENVS`` is the recipe of one isolated environment that serves one scorer with
+``flowopd.scorers.server`` (ARCHITECTURE.md, "Isolation of scorer environments"); ``serve_session`` is the body
+of the parametrised nox session ``nox -s "serve(scorer='deqa')"``. This module imports only the standard
+library (and no ``from __future__ import annotations``, whose dataclasses need the module in sys.modules), so a
+noxfile can load it by path without torch in nox's own environment::
+
+    spec = importlib.util.spec_from_file_location("flowopd_envs", "flowopd/scorers/envs.py")
+    envs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(envs)
+
+The pins follow each scorer's official repository (named in every entry) and are checked by resolution, not
+on a GPU; where we deviate from the upstream pin the entry says why.
+"""
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# One interpreter for every served environment: the oldest flowopd supports, and new enough for the pins below.
+SERVE_PYTHON = "3.10"
+
+# What flowopd itself needs to import and serve a scorer (flowopd is installed with --no-deps so that its own
+# pins - transformers 5, torch 2.4+ - cannot override the environment's).
+FLOWOPD_RUNTIME: tuple[str, ...] = (
+    "numpy<2",  # every pinned torch below (2.0, 2.1) is built against numpy 1.x
+    "pillow>=9",
+    "tqdm>=4.66",
+    "platformdirs>=3",
+    "safetensors>=0.4",
+    "rapidfuzz>=3.0",
+    "tomli>=2.0; python_version < '3.11'",
+)
+
+
+@dataclass(frozen=True)
+class ScorerEnv:
+    """The recipe of one isolated scorer environment.
+
+    Attributes:
+        scorer: the registered scorer the environment serves.
+        requirements: pinned pip requirements, installed first in one resolution.
+        build_requirements: packages compiled against the torch installed above (``--no-build-isolation``).
+        build_env: environment variables for that build (e.g. ``MMCV_WITH_OPS=1``).
+        options: default scorer options passed as ``--option key=value`` (the command line can add more).
+        trust_remote_code: pass ``--trust-remote-code`` (the checkpoint ships its own modelling code).
+        source: where the pins come from.
+    """
+
+    scorer: str
+    requirements: tuple[str, ...]
+    build_requirements: tuple[str, ...] = ()
+    build_env: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    source: str = ""
+
+
+SCORER_ENVS: dict[str, ScorerEnv] = {
+    # DeQA-Score-Mix3 = mPLUG-Owl2 loaded with trust_remote_code; its code runs only on transformers 4.36.
+    "deqa": ScorerEnv(
+        scorer="deqa",
+        requirements=(
+            # upstream pins torch 2.0.1 (CUDA 11.7 wheels, no sm_90 kernels); 2.1.2 has CUDA 12.1 wheels for
+            # H100/H200 and is within transformers 4.36's supported range.
+            "torch==2.1.2",
+            "transformers==4.36.1",
+            "tokenizers==0.15.0",
+            "sentencepiece==0.1.99",  # LlamaTokenizer of the remote code
+            "accelerate==0.21.0",  # device_map="auto"
+            "icecream",  # imported by the remote mPLUG-Owl2 modelling code
+            "protobuf<5",
+        ),
+        trust_remote_code=True,
+        source="zhiyuanyou/DeQA-Score pyproject.toml (v1.2.0) and README 'Only with transformers==4.36.1'",
+    ),
+    # ImageReward-v1.0: BLIP code importing helpers that transformers moved out of modeling_utils.
+    "imagereward": ScorerEnv(
+        scorer="imagereward",
+        requirements=(
+            "torch==2.1.2",
+            "torchvision==0.16.2",  # ImageReward's preprocessing (torchvision.transforms)
+            "image-reward==1.5",
+            # med.py imports apply_chunking_to_forward from transformers.modeling_utils (gone in later releases);
+            # 4.40.0 is the version Flow-GRPO runs ImageReward with.
+            "transformers==4.40.0",
+            "timm==0.6.13",
+            "fairscale==0.4.13",
+            # `import ImageReward` imports `clip` (openai/CLIP, only on GitHub, not on PyPI); clip-anytorch is the
+            # same code packaged on PyPI under the module name `clip`. ImageReward's score itself uses BLIP only.
+            "clip-anytorch==2.6.0",
+        ),
+        source="THUDM/ImageReward setup.py (image-reward 1.5 on PyPI); yifan123/flow_grpo setup.py and README",
+    ),
+    # GenEval's official detector: Mask2Former Swin-S through mmdet 2.x + mmcv-full 1.7 CUDA ops.
+    "geneval-mmdet": ScorerEnv(
+        scorer="geneval",
+        requirements=(
+            # GenEval's environment.yml pins torch 1.12.1 + CUDA 11.3 (no H100 support); 2.0.1 is the newest
+            # torch that mmcv-full 1.7 supports and it runs on sm_90.
+            "torch==2.0.1",
+            "torchvision==0.15.2",
+            "open-clip-torch==2.20.0",  # colour classification with CLIP ViT-L-14 (openai weights)
+            "clip-benchmark==1.4.0",  # zero-shot classifier templates used by GenEval's evaluator
+            "setuptools<70",  # mmcv-full's setup.py builds with pkg_resources
+            "wheel",
+            "ninja",
+        ),
+        # PyPI has only mmcv-full's source: it compiles its CUDA ops against the torch above (nvcc of the same
+        # CUDA major needed). Set PIP_FIND_LINKS to OpenMMLab's prebuilt wheel index to skip the build.
+        build_requirements=("mmcv-full==1.7.1", "mmdet==2.27.0"),
+        build_env={"MMCV_WITH_OPS": "1", "FORCE_CUDA": "1"},
+        options={"backend": "mmdet"},
+        source="djghosh13/geneval README ('mim install mmdet==2.27.0') and environment.yml (mmcv-full==1.7.1, "
+        "open-clip-torch==2.20.0, clip-benchmark==1.4.0)",
+    ),
+    # PaddleOCR 2.x (English, no angle classifier) - the OCR reward of Flow-GRPO.
+    "paddleocr": ScorerEnv(
+        scorer="ocr",
+        requirements=(
+            "torch==2.1.2",  # flowopd.scorers imports torch (the Scorer protocol's tensors)
+            "paddleocr==2.9.1",
+            "paddlepaddle-gpu==2.6.2",
+            "python-Levenshtein",
+        ),
+        options={"backend": "paddleocr"},
+        source="yifan123/flow_grpo README, 'Reward Environments: OCR'",
+    ),
+}
+
+
+def server_command(name: str) -> list[str]:
+    """The server command line an environment runs (before any extra arguments given after ``--``)."""
+    env = SCORER_ENVS[name]
+    cmd = ["python", "-m", "flowopd.scorers.server", env.scorer]
+    for key, value in env.options.items():
+        cmd += ["--option", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    if env.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    return cmd
+
+
+def serve_session(session: Any, name: str) -> None:
+    """Body of ``nox -s "serve(scorer='NAME')"``: install the pinned environment, then serve its scorer.
+
+    Arguments after ``--`` go to the server, e.g. ``nox -s "serve(scorer='deqa')" -- --port 8766 --option
+    device=cuda:1``. ``session`` is a ``nox.Session`` (typed loosely so that this module needs no nox).
+    """
+    if name not in SCORER_ENVS:
+        raise KeyError(f"no pinned environment {name!r} in flowopd/scorers/envs.py; known: {', '.join(SCORER_ENVS)}")
+    env = SCORER_ENVS[name]
+    session.install(*env.requirements, *FLOWOPD_RUNTIME)
+    if env.build_requirements:
+        session.install("--no-build-isolation", *env.build_requirements, env=dict(env.build_env))
+    session.install("--no-deps", "-e", ".")
+    session.run(*server_command(name), *session.posargs)
