@@ -235,6 +235,9 @@ def _prepare(
         raise ValueError(f"SDE step: x {tuple(x.shape)} and v {tuple(v.shape)} must have the same shape")
     dtype = torch.promote_types(x.dtype, torch.float32)
     shape = (x.shape[0], *([1] * (x.ndim - 1)))
+    for name, value in (("t", t), ("t_next", t_next)):
+        if torch.as_tensor(value).numel() not in (1, x.shape[0]):
+            raise ValueError(f"SDE step: {name} has {torch.as_tensor(value).numel()} entries for a batch of {x.shape[0]}")
     tt = _as_float(t).to(device=x.device, dtype=dtype).reshape(-1, *shape[1:]).expand(shape)
     tn = _as_float(t_next).to(device=x.device, dtype=dtype).reshape(-1, *shape[1:]).expand(shape)
     if bool((tn >= tt).any()) or bool((tn < 0).any()) or bool((tt > 1).any()):

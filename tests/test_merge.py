@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowopd.train.merge import deltas_to_lora, delta_weights, factor_mean, merge_deltas
+from flowopd.train.merge import delta_weights, deltas_to_lora, factor_mean, merge_deltas
 
 MODULES = {"transformer_blocks.0.attn.to_q": (12, 10), "transformer_blocks.0.attn.to_out.0": (10, 12)}
 

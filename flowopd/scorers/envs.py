@@ -70,6 +70,7 @@ SCORER_ENVS: dict[str, ScorerEnv] = {
             "tokenizers==0.15.0",
             "sentencepiece==0.1.99",  # LlamaTokenizer of the remote code
             "accelerate==0.21.0",  # device_map="auto"
+            "huggingface_hub==0.20.3",  # of transformers 4.36's time; later hubs drop APIs old releases import
             "icecream",  # imported by the remote mPLUG-Owl2 modelling code
             "protobuf<5",
         ),
@@ -91,6 +92,10 @@ SCORER_ENVS: dict[str, ScorerEnv] = {
             # `import ImageReward` imports `clip` (openai/CLIP, only on GitHub, not on PyPI); clip-anytorch is the
             # same code packaged on PyPI under the module name `clip`. ImageReward's score itself uses BLIP only.
             "clip-anytorch==2.6.0",
+            # `import ImageReward` also imports its ReFL trainer (diffusers, datasets): versions of that time.
+            "diffusers==0.27.2",
+            "datasets==2.18.0",
+            "huggingface_hub==0.23.5",
         ),
         source="THUDM/ImageReward setup.py (image-reward 1.5 on PyPI); yifan123/flow_grpo setup.py and README",
     ),

@@ -15,6 +15,7 @@ Two families:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -96,7 +97,9 @@ def merge_deltas(
     # Gradients never matter here; fork the RNG so a DARE seed neither reads nor moves the global stream.
     devices = sorted({d.device.index or 0 for delta in deltas for d in delta.values() if d.device.type == "cuda"})
     merged = {}
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        # density = 1 means "no pruning" here, not a mistake worth peft's warning.
+        warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
         # Seed only the generators DARE draws from (those of the tensors' devices), inside the fork.
         torch.default_generator.manual_seed(seed)
         for index in devices:
