@@ -47,6 +47,8 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def metric_cell(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "-"
+    if math.isnan(entry["ci_low"]):
+        return fmt(entry["value"])
     return f"{fmt(entry['value'])} [{fmt(entry['ci_low'])}, {fmt(entry['ci_high'])}]"
 
 
@@ -87,10 +89,28 @@ def _table_rows(runs: Sequence[dict[str, Any]], table: dict[str, Any] | None, sc
     body = []
     for i, row in enumerate(table.get("rows", [])):
         res = runs[i] if i < len(runs) else None
-        ours = [metric_cell(_metric(res, c["metric"][scale])) if res else "-" for c in columns]
+        values: dict[str, dict[str, Any] | None] = {}
+        for c in columns:
+            metric = c.get("metric", {}).get(scale)
+            if metric:
+                values[c["label"]] = _metric(res, metric)
+            elif scale in c.get("combine", {}):
+                values[c["label"]] = _combine(values, c["combine"][scale])
+            else:
+                values[c["label"]] = None
+        ours = [metric_cell(values[c["label"]]) for c in columns]
         paper = [fmt(row.get("paper", {}).get(c["label"]), 3) for c in columns]
         body.append([row["label"], *ours, *paper])
     return [header, *body]
+
+
+def _combine(values: dict[str, dict[str, Any] | None], weights: dict[str, float]) -> dict[str, Any] | None:
+    """A weighted sum of earlier columns (e.g. Table 1's Average); no interval."""
+    parts = [values.get(label) for label in weights]
+    if any(p is None for p in parts):
+        return None
+    value = sum(w * p["value"] for w, p in zip(weights.values(), parts))
+    return {"value": value, "ci_low": math.nan, "ci_high": math.nan}
 
 
 def _metric(res: dict[str, Any] | None, metric: str) -> dict[str, Any] | None:

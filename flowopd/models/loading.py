@@ -26,7 +26,7 @@ def checkpoint_kind(checkpoint: str) -> str:
         if (path / "adapter_config.json").is_file():
             return "lora"
         config = path / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type") == "flowopd-mini":
+        if config.is_file() and str(json.loads(config.read_text()).get("format", "")).startswith("flowopd-mini"):
             return "mini"
         return "sd3"
     return "sd3"  # a hub id
@@ -51,7 +51,7 @@ def load_policy(
         from flowopd.models.mini import load_mini
 
         policy = load_mini(base, device=device)
-        target = policy.model
+        target = policy.net
     else:
         policy = SD3Policy.from_pretrained(base, device=device, dtype=dtype)
         target = policy.transformer
@@ -64,5 +64,5 @@ def load_policy(
     if hasattr(policy, "transformer"):
         policy.pipe.transformer = policy.transformer = merged
     else:
-        policy.model = merged
+        policy.net = merged
     return policy

@@ -302,3 +302,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_prompts(images: torch.Tensor, prompts: Any) -> list[str]:
+    """One prompt per image, as a list of str."""
+    prompts = list(prompts)
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+    return [str(p) for p in prompts]
