@@ -16,7 +16,8 @@ from flowopd.scorers.base import Scale, ScoreBatch, check_images
 
 
 class BrightnessScorer:
-    """Mean pixel value per image (0-1) + ``offset``; NaN where metadata says ``skip``; raises on ``fail``."""
+    """Mean pixel value per image (0-1) + ``offset``; NaN (score and ``red`` detail) where metadata says ``skip``;
+    raises where it says ``fail``."""
 
     name = "test-brightness"
     version = "1"
@@ -34,12 +35,15 @@ class BrightnessScorer:
             raise ValueError("metadata asked this scorer to fail")
         means = images.double().mean(dim=(1, 2, 3)).numpy() + self.offset
         scores = [math.nan if m.get("skip") else float(v) for v, m in zip(means, metadata)]
-        red = images[:, 0].double().mean(dim=(1, 2)).numpy()
+        red = [
+            math.nan if m.get("skip") else float(r)
+            for r, m in zip(images[:, 0].double().mean(dim=(1, 2)), metadata)
+        ]
         return ScoreBatch(
             scores,
             {
                 "summary": [f"{p}: brightness {v:.6f}" for p, v in zip(prompts, means)],
-                "red": [float(r) for r in red],
+                "red": red,
                 "bright": [bool(v > 0.5) for v in means],
             },
         )

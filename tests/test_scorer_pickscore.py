@@ -111,6 +111,14 @@ def test_score_is_logit_scale_times_cosine(parts):
         model.logit_scale.fill_(math.log(1 / 0.07))
 
 
+def test_bfloat16_runs_and_stays_close(parts):
+    images = _images(2, size=40)
+    fp32 = PickScoreScorer(factory=lambda: parts, device="cpu").score(images, PROMPTS[:2]).scores
+    bf16 = PickScoreScorer(factory=lambda: parts, device="cpu", dtype=torch.bfloat16).score(images, PROMPTS[:2]).scores
+    parts[0].float()
+    assert bf16.dtype == np.float64 and np.allclose(bf16, fp32, atol=0.3)
+
+
 def test_long_prompts_are_truncated_to_77_tokens(scorer):
     long_prompt = "word " * 200
     batch = scorer.score(_images(1), [long_prompt])

@@ -66,11 +66,9 @@ class MiniTokenizer:
         """The tokenizer of the mini world: the grammar's vocabulary plus the characters of its texts."""
         from flowopd.world import grammar
 
-        words, chars = [], set()
-        for entry in grammar.vocabulary():
-            (chars.update(entry[1:-1]) if entry.startswith('"') and entry.endswith('"') else words.append(entry))
-        chars.update(getattr(grammar, "TEXT_ALPHABET", ""))
-        return cls(words, sorted(chars), max_length)
+        # grammar.vocabulary() mixes words, the quote mark and the text alphabet's characters
+        words = [w for w in grammar.vocabulary() if w != '"' and w not in grammar.ALPHABET]
+        return cls(words, list(grammar.ALPHABET), max_length)
 
     def tokenize(self, prompt: str) -> list[str]:
         """Token strings of one prompt (no <bos>, no padding, no truncation)."""
@@ -106,10 +104,10 @@ class MiniTokenizer:
 
 @dataclass
 class MiniModelConfig:
-    """Shape of the mini UNet. ``vocab_size`` and ``max_length`` come from the tokenizer."""
+    """Shape of the mini UNet. ``vocab_size`` and ``max_length`` must match the tokenizer's."""
 
-    vocab_size: int = 64
-    max_length: int = 32
+    vocab_size: int = 0  # 0: taken from the tokenizer by build_mini
+    max_length: int = 20  # tokens incl. <bos>; the grammar's longest prompt has 15
     image_size: int = 32
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # per resolution: 32, 16, 8 pixels
     text_dim: int = 96
@@ -335,7 +333,10 @@ class MiniPolicy(nn.Module):
 
 def build_mini(tokenizer: MiniTokenizer, shift: float = 1.0, **model_options: Any) -> MiniPolicy:
     """A freshly initialised policy whose network matches ``tokenizer`` (options: MiniModelConfig fields)."""
-    config = MiniModelConfig(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length, **model_options)
+    config = MiniModelConfig(**{**model_options, "max_length": tokenizer.max_length})
+    if config.vocab_size not in (0, tokenizer.vocab_size):
+        raise ValueError(f"vocab_size={config.vocab_size} does not match the tokenizer's {tokenizer.vocab_size}")
+    config.vocab_size = tokenizer.vocab_size
     return MiniPolicy(MiniUNet(config), tokenizer, shift)
 
 

@@ -85,16 +85,22 @@ class RemoteScorer:
 
     # -- HTTP ------------------------------------------------------------------------------------------------
 
-    def _unreachable(self, error: BaseException) -> ScorerServerUnreachable:
+    def _unreachable(self, error: BaseException, waited: float) -> ScorerServerUnreachable:
+        waited_note = (
+            f"; waited {waited:.0f} s - if it is still loading its model, pass a larger startup_wait"
+            if waited >= 1
+            else ""
+        )
         return ScorerServerUnreachable(
             f"scorer server at {self.url} is not reachable: start it with "
             f"`python -m flowopd.bench serve {self._hint_name}` (or its nox session, see docs/scorers/server.md) "
-            f"[{error}]"
+            f"[{error}{waited_note}]"
         )
 
     def _request(self, method: str, path: str, payload: bytes | None = None, retry_for: float = 0.0) -> Any:
         """One JSON request; retries while the connection is refused, for at most ``retry_for`` seconds."""
-        deadline = time.monotonic() + retry_for
+        start = time.monotonic()
+        deadline = start + retry_for
         delay = 0.05
         while True:
             req = urllib.request.Request(self.url + path, data=payload, method=method)
@@ -123,7 +129,7 @@ class RemoteScorer:
                         f"scorer server at {self.url} dropped the connection during {method} {path} ({reason}); "
                         "did it crash? see its log"
                     ) from e
-                raise self._unreachable(reason) from e
+                raise self._unreachable(reason, time.monotonic() - start) from e
         try:
             return json.loads(data)
         except ValueError as e:

@@ -45,7 +45,8 @@ class ScorerEnv:
         build_requirements: packages compiled against the torch installed above (``--no-build-isolation``).
         build_env: environment variables for that build (e.g. ``MMCV_WITH_OPS=1``).
         options: default scorer options passed as ``--option key=value`` (the command line can add more).
-        trust_remote_code: pass ``--trust-remote-code`` (the checkpoint ships its own modelling code).
+        needs_remote_code: the checkpoint ships its own modelling code; the session refuses to start unless the
+            user passes ``--trust-remote-code`` after ``--`` (never implied on the user's behalf).
         source: where the pins come from.
     """
 
@@ -54,7 +55,7 @@ class ScorerEnv:
     build_requirements: tuple[str, ...] = ()
     build_env: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
-    trust_remote_code: bool = False
+    needs_remote_code: bool = False
     source: str = ""
 
 
@@ -74,41 +75,21 @@ SCORER_ENVS: dict[str, ScorerEnv] = {
             "icecream",  # imported by the remote mPLUG-Owl2 modelling code
             "protobuf<5",
         ),
-        trust_remote_code=True,
+        needs_remote_code=True,
         source="zhiyuanyou/DeQA-Score pyproject.toml (v1.2.0) and README 'Only with transformers==4.36.1'",
-    ),
-    # ImageReward-v1.0: BLIP code importing helpers that transformers moved out of modeling_utils.
-    "imagereward": ScorerEnv(
-        scorer="imagereward",
-        requirements=(
-            "torch==2.1.2",
-            "torchvision==0.16.2",  # ImageReward's preprocessing (torchvision.transforms)
-            "image-reward==1.5",
-            # med.py imports apply_chunking_to_forward from transformers.modeling_utils (gone in later releases);
-            # 4.40.0 is the version Flow-GRPO runs ImageReward with.
-            "transformers==4.40.0",
-            "timm==0.6.13",
-            "fairscale==0.4.13",
-            # `import ImageReward` imports `clip` (openai/CLIP, only on GitHub, not on PyPI); clip-anytorch is the
-            # same code packaged on PyPI under the module name `clip`. ImageReward's score itself uses BLIP only.
-            "clip-anytorch==2.6.0",
-            # `import ImageReward` also imports its ReFL trainer (diffusers, datasets): versions of that time.
-            "diffusers==0.27.2",
-            "datasets==2.18.0",
-            "huggingface_hub==0.23.5",
-        ),
-        source="THUDM/ImageReward setup.py (image-reward 1.5 on PyPI); yifan123/flow_grpo setup.py and README",
     ),
     # GenEval's official detector: Mask2Former Swin-S through mmdet 2.x + mmcv-full 1.7 CUDA ops.
     "geneval-mmdet": ScorerEnv(
         scorer="geneval",
         requirements=(
             # GenEval's environment.yml pins torch 1.12.1 + CUDA 11.3 (no H100 support); 2.0.1 is the newest
-            # torch that mmcv-full 1.7 supports and it runs on sm_90.
+            # torch that mmcv-full 1.7 supports, and it runs on sm_90.
             "torch==2.0.1",
             "torchvision==0.15.2",
-            "open-clip-torch==2.20.0",  # colour classification with CLIP ViT-L-14 (openai weights)
-            "clip-benchmark==1.4.0",  # zero-shot classifier templates used by GenEval's evaluator
+            # GenEvalScorer's colour classifier is transformers' CLIPModel (openai ViT-L/14); environment.yml's
+            # transformers and hub versions, which run on torch 2.0.
+            "transformers==4.36.1",
+            "huggingface_hub==0.19.4",
             "setuptools<70",  # mmcv-full's setup.py builds with pkg_resources
             "wheel",
             "ninja",
@@ -117,9 +98,9 @@ SCORER_ENVS: dict[str, ScorerEnv] = {
         # CUDA major needed). Set PIP_FIND_LINKS to OpenMMLab's prebuilt wheel index to skip the build.
         build_requirements=("mmcv-full==1.7.1", "mmdet==2.27.0"),
         build_env={"MMCV_WITH_OPS": "1", "FORCE_CUDA": "1"},
-        options={"backend": "mmdet"},
+        options={"detector": "mmdet"},
         source="djghosh13/geneval README ('mim install mmdet==2.27.0') and environment.yml (mmcv-full==1.7.1, "
-        "open-clip-torch==2.20.0, clip-benchmark==1.4.0)",
+        "transformers==4.36.1, huggingface_hub==0.19.4)",
     ),
     # PaddleOCR 2.x (English, no angle classifier) - the OCR reward of Flow-GRPO.
     "paddleocr": ScorerEnv(
@@ -128,9 +109,10 @@ SCORER_ENVS: dict[str, ScorerEnv] = {
             "torch==2.1.2",  # flowopd.scorers imports torch (the Scorer protocol's tensors)
             "paddleocr==2.9.1",
             "paddlepaddle-gpu==2.6.2",
+            "protobuf==3.20.2",  # paddle 2.6's generated protobuf code predates protobuf 4's runtime
             "python-Levenshtein",
         ),
-        options={"backend": "paddleocr"},
+        options={"engine": "paddleocr"},
         source="yifan123/flow_grpo README, 'Reward Environments: OCR'",
     ),
 }
@@ -142,8 +124,6 @@ def server_command(name: str) -> list[str]:
     cmd = ["python", "-m", "flowopd.scorers.server", env.scorer]
     for key, value in env.options.items():
         cmd += ["--option", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-    if env.trust_remote_code:
-        cmd.append("--trust-remote-code")
     return cmd
 
 
@@ -154,8 +134,15 @@ def serve_session(session: Any, name: str) -> None:
     device=cuda:1``. ``session`` is a ``nox.Session`` (typed loosely so that this module needs no nox).
     """
     if name not in SCORER_ENVS:
-        raise KeyError(f"no pinned environment {name!r} in flowopd/scorers/envs.py; known: {', '.join(SCORER_ENVS)}")
+        raise KeyError(
+            f"no pinned environment {name!r} in flowopd/scorers/envs.py; known: {', '.join(SCORER_ENVS)}"
+        )
     env = SCORER_ENVS[name]
+    if env.needs_remote_code and "--trust-remote-code" not in session.posargs:
+        session.error(
+            f"the {env.scorer!r} checkpoint runs its own Python code (trust_remote_code); if you trust it, run "
+            f'nox -s "serve(scorer={name!r})" -- --trust-remote-code'
+        )
     session.install(*env.requirements, *FLOWOPD_RUNTIME)
     if env.build_requirements:
         session.install("--no-build-isolation", *env.build_requirements, env=dict(env.build_env))

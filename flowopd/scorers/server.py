@@ -1,7 +1,7 @@
 """Serve one registered scorer over a small local HTTP service (ARCHITECTURE.md, "Isolation of scorer environments").
 
-Scorers whose official stacks conflict with ours (DeQA's old transformers with remote code, ImageReward,
-mmdet, PaddleOCR) run in their own Python environment behind this server; ``flowopd.scorers.client.
+Scorers whose official stacks conflict with ours (DeQA's old transformers with remote code, GenEval's mmdet,
+PaddleOCR) run in their own Python environment behind this server; ``flowopd.scorers.client.
 RemoteScorer`` talks to it and implements the same ``Scorer`` protocol, so the harness and the trainers
 cannot tell the difference.
 
@@ -11,8 +11,9 @@ Wire format (version 1), safe by construction - JSON and PNG only, never pickle:
   "max_request_bytes", "wire_version"}``
 - ``GET /health`` -> ``{"status": "ok", "scorer", "requests", "images"}``
 - ``POST /score`` with ``{"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [object, ...]}``
-  -> ``{"scores": [float | null, ...], "details": {name: [value, ...]}}``; NaN travels as ``null`` and
-  +-inf as the strings ``"inf"`` / ``"-inf"``.
+  -> ``{"scores": [float | null, ...], "details": {name: [value, ...]}, "nonfinite": {name: {index: "nan"}}}``;
+  a NaN score travels as ``null`` and +-inf as the strings ``"inf"`` / ``"-inf"``; a non-finite detail float
+  as ``null`` plus its entry in ``nonfinite``, so that every value comes back as it left.
 - Errors are JSON ``{"error": message}``: 400 for a malformed payload (not JSON, bad base64, not a PNG, not
   8-bit RGB, sizes that differ), 413 for too many images or too many bytes, 500 for an error raised inside
   the scorer. The server keeps serving after every one of them.
@@ -33,6 +34,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -147,32 +149,43 @@ def decode_score(x: Any) -> float:
     return float(x)
 
 
-def _jsonable(value: Any, where: str) -> Any:
-    """A detail value as strict JSON: numpy scalars unwrapped, non-finite floats encoded like scores."""
+def _detail_value(value: Any, where: str) -> Any:
+    """A detail value as a JSON scalar (numpy scalars unwrapped); non-finite floats are handled by the caller."""
     if isinstance(value, np.generic):
         value = value.item()
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or isinstance(value, (str, bool, int, float)):
         return value
-    if isinstance(value, float):
-        return encode_score(value)
     raise TypeError(
         f"{where}: detail values must be JSON scalars (str, float, int, bool, None), got {value!r}"
     )
 
 
 def encode_batch(batch: ScoreBatch) -> dict[str, Any]:
-    """ScoreBatch -> the JSON body of a ``/score`` response."""
-    details = {
-        key: [_jsonable(v, f"detail {key!r}[{i}]") for i, v in enumerate(values)]
-        for key, values in batch.details.items()
-    }
-    return {"scores": [encode_score(s) for s in batch.scores], "details": details}
+    """ScoreBatch -> the JSON body of a ``/score`` response.
+
+    Non-finite detail floats travel as ``null`` in ``details`` plus an entry ``nonfinite[key][index]`` =
+    ``"nan"`` / ``"inf"`` / ``"-inf"``, so that they come back as floats and a real ``None`` stays ``None``.
+    """
+    details: dict[str, list[Any]] = {}
+    nonfinite: dict[str, dict[str, str]] = {}
+    for key, values in batch.details.items():
+        column = details[key] = []
+        for i, v in enumerate(values):
+            v = _detail_value(v, f"detail {key!r}[{i}]")
+            if isinstance(v, float) and not math.isfinite(v):
+                nonfinite.setdefault(key, {})[str(i)] = str(v)  # 'nan', 'inf', '-inf'
+                v = None
+            column.append(v)
+    return {"scores": [encode_score(s) for s in batch.scores], "details": details, "nonfinite": nonfinite}
 
 
 def decode_batch(body: Mapping[str, Any]) -> ScoreBatch:
-    """The JSON body of a ``/score`` response -> ScoreBatch (NaN restored from null in scores)."""
+    """The JSON body of a ``/score`` response -> ScoreBatch (non-finite scores and detail floats restored)."""
     scores = np.array([decode_score(s) for s in body["scores"]], dtype=np.float64)
     details = {key: list(values) for key, values in body.get("details", {}).items()}
+    for key, entries in body.get("nonfinite", {}).items():
+        for index, text in entries.items():
+            details[key][int(index)] = float(text)
     return ScoreBatch(scores, details)
 
 
@@ -245,6 +258,7 @@ class ScorerServer(ThreadingHTTPServer):
         self.stats_lock = threading.Lock()
         self.requests_scored = 0
         self.images_scored = 0
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), ScorerRequestHandler)
 
     @property
@@ -283,9 +297,9 @@ class ScorerRequestHandler(BaseHTTPRequestHandler):
 
     server: ScorerServer
     server_version = "flowopd-scorer"
-    timeout = 600  # socket timeout (s): a stalled client cannot hold a worker thread forever
+    timeout = 120  # socket timeout (s): a stalled client cannot hold a worker thread (or shutdown) for long
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+    def log_message(self, format: str, *args: Any) -> None:
         logger.info("%s %s", self.address_string(), format % args)
 
     def _send_json(self, status: HTTPStatus, payload: Mapping[str, Any]) -> None:
@@ -395,6 +409,8 @@ def serve(
     """
     from flowopd.scorers import build_scorer
 
+    # the port is bound only once the model is loaded: until then clients see "connection refused" and retry
+    print(f"loading scorer {scorer_name!r} ...", flush=True)
     scorer = build_scorer(scorer_name, **dict(scorer_options or {}))
     try:
         server = make_server(scorer, host, port, max_batch, max_request_bytes)
@@ -413,9 +429,9 @@ def serve(
     try:
         server.serve_forever()
     finally:
-        server.server_close()  # waits for in-flight requests
-        for sig, handler in previous.items():
+        for sig, handler in previous.items():  # a second Ctrl-C aborts the wait below
             signal.signal(sig, handler)
+        server.server_close()  # waits for the requests in flight
         print(f"scorer server for {scorer.name!r} at {server.url} shut down", flush=True)
 
 

@@ -45,7 +45,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(data, key.strip(), _parse_value(raw.strip()))
+        _set_dotted(data, key.strip(), _Override(raw.strip()))
     return from_dict(cls, data, source)
 
 
@@ -80,19 +80,29 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     data[leaf] = value
 
 
+class _Override(str):
+    """The raw text of a command-line value; parsed once its field's type is known."""
+
+
 def _parse_value(raw: str) -> Any:
     """A TOML value (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"s"``) or, failing that, the raw string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        return raw
+        return str(raw)
 
 
 def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _Override):
+        if value.lower() == "none" and type(None) in args:
+            return None
+        parsed = _parse_value(value)
+        # a string field keeps the text as typed (``name=true`` is "true"), unless it was TOML-quoted
+        value = parsed if isinstance(parsed, str) or not _accepts_str(tp) else str(value)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in args):
+        if value is None and type(None) in args:
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
@@ -126,7 +136,13 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str:
-        return value if isinstance(value, str) else str(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: {key!r} must be a string, got {value!r}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(f"{source}: {key!r} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _accepts_str(tp: Any) -> bool:
+    return tp is str or str in typing.get_args(tp)

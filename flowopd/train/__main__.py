@@ -1,0 +1,38 @@
+"""``python -m flowopd.train SUBCOMMAND CONFIG.toml [key=value ...]``: one entry point for every recipe.
+
+Subcommands map to ``"module:function"`` strings imported on first use, so ``pretrain`` never imports the
+GRPO or OPD code. Each function takes the arguments after the subcommand and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Sequence
+
+from flowopd.registry import import_string
+
+COMMANDS: dict[str, str] = {
+    "pretrain": "flowopd.train.pretrain:main",
+    "grpo": "flowopd.train.grpo:main",
+}
+
+_USAGE = "usage: python -m flowopd.train SUBCOMMAND CONFIG.toml [key=value ...]"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(f"{_USAGE}\nsubcommands: {', '.join(sorted(COMMANDS))}")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"unknown subcommand {command!r}{hint}; known: {', '.join(sorted(COMMANDS))}\n{_USAGE}", file=sys.stderr)
+        return 2
+    return int(import_string(COMMANDS[command])(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,842 @@
+"""Flow-GRPO with LoRA: ``python -m flowopd.train grpo CONFIG.toml [key=value ...]`` (METHOD.md s.3).
+
+One iteration (Flow-GRPO's "epoch"):
+
+1. draw ``prompts_per_iteration`` prompts from the recipe's prompt sources and repeat each ``group_size``
+   times; shuffle the samples and give each process its contiguous share;
+2. sample every share with the SDE sampler in batches of ``sample_batch_size``, recording the stochastic
+   steps (:mod:`flowopd.train.rollout`); each batch's rewards are computed in a worker thread while the
+   next batch samples (:mod:`flowopd.rewards`);
+3. gather the rewards, compute group advantages ``(r - group mean) / (batch std + 1e-4)``; samples of
+   groups whose rewards are all equal are dropped (:func:`flowopd.train.losses.group_advantages`);
+4. train on the kept samples: the clipped surrogate of every trained step (first ``timestep_fraction`` of
+   the steps, or the SDE window) plus ``beta`` times the KL to the reference (the adapter disabled), in
+   ``updates_per_iteration`` AdamW updates with grad-norm clipping; then the EMA of the adapter;
+5. log (tensorboard, ``metrics.jsonl``), checkpoint and evaluate every N iterations.
+
+Multi-GPU and multi-node through accelerate (``accelerate launch -m flowopd.train grpo CONFIG``): every
+process draws the same prompts and seeds (same generator), samples its share, and the rewards are gathered,
+so the run is the same whatever the number of processes up to float reduction order. DDP is the tested
+path; FSDP/DeepSpeed come from accelerate's config (the adapter, EMA and checkpoint code assume the adapter
+parameters are not sharded).
+
+Checkpoints (``<output_dir>/checkpoints/iteration-NNNNNN/``): ``adapter/`` in peft format (the EMA weights
+when ``ema`` is on, as Flow-GRPO saves them; ``python -m flowopd.bench evaluate DIR`` loads it), and
+``state/`` with the live adapter, EMA, optimizer, scheduler, RNG states of every process and the prompt and
+noise generator, from which ``resume`` continues exactly (bitwise on CPU). No file is unpickled: tensors
+are safetensors or ``torch.load(weights_only=True)``, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowopd.models.policy import Conditioning, index_cond
+from flowopd.rewards import ANY_TASK, Reward, RewardOutput
+from flowopd.scorers.base import Scorer
+from flowopd.train.config import ConfigError, load_config, to_dict
+from flowopd.train.lora import (
+    EMA,
+    LORA_TARGET_MODULES,
+    adapter_disabled,
+    add_lora,
+    lora_parameters,
+    save_adapter,
+    set_trainable_module,
+    trainable_module,
+    unwrap,
+)
+from flowopd.train.losses import group_advantages, grpo_loss, reference_kl
+from flowopd.train.rollout import (
+    Trajectory,
+    concat_trajectories,
+    sample_sde_trajectory,
+    sde_window,
+    step_log_prob,
+    trained_positions,
+)
+
+CHECKPOINT_FORMAT = "flowopd-grpo/1"
+_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _help(default: Any, text: str) -> Any:
+    """A dataclass field with help text (TRL's habit); mutable defaults are copied per instance."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class PromptSourceConfig:
+    """Where one task's training prompts come from; exactly one of ``sampler``, ``prompt_set``, ``benchmark``."""
+
+    task: str = _help(ANY_TASK, "Routing key: the prompts' metadata['task'], which picks their reward terms.")
+    weight: float = _help(1.0, "Share of this source. mix='iteration': whole iterations per cycle (GRPO-Mix "
+                          "GenEval:OCR:PickScore = 3:1:1, integers); mix='prompt': probability weight.")
+    sampler: str = _help("", "'module:function' called as f(rng: numpy Generator, **sampler_args) -> metadata "
+                         "dict with 'prompt', e.g. flowopd.world.grammar:sample_prompt.")
+    sampler_args: dict[str, Any] = _help({}, "Keyword arguments of the sampler, e.g. {split='train', task='ocr'}.")
+    prompt_set: dict[str, Any] = _help({}, "A prompt file as flowopd.bench.spec.PromptSetSpec fields (format, "
+                                       "path, url, sha256, prompt_field): pinned and verified by flowopd.data.")
+    benchmark: str = _help("", "Use this benchmark's prompt set (its *evaluation* prompts: smoke tests only).")
+
+
+@dataclass
+class RewardConfig:
+    """The reward (flowopd.rewards.Reward): weighted, native-scale-normalised scorer terms per task."""
+
+    weights: dict[str, float] = _help({}, "{key: weight} for every prompt; a key is a registered scorer or "
+                                      "'<scorer>.<detail>' (e.g. 'mini-geneval.partial').")
+    tasks: dict[str, dict[str, float]] = _help({}, "Per-task terms (GRPO-Mix: geneval = {geneval = 0.8, "
+                                               "deqa = 0.2}); a task without an entry uses `weights`.")
+    scales: dict[str, float] = _help({}, "Divisors per key or scorer, overriding DeQA/5, PickScore/26 ...")
+    scorer_options: dict[str, dict[str, Any]] = _help({}, "Constructor options per scorer (model id, local "
+                                                      "path, device ...).")
+    servers: dict[str, str] = _help({}, "Scorer name -> URL of a running scorer server (DeQA's own env).")
+
+
+@dataclass
+class GRPOConfig:
+    """Flow-GRPO with LoRA. Defaults are the published SD3.5-M settings (Flow-GRPO ``config/grpo.py``
+    ``geneval_sd3``/``general_ocr_sd3``/``pickscore_sd3`` on 32 GPUs, and METHOD.md s.3)."""
+
+    # --- model and run
+    model: str = _help("stabilityai/stable-diffusion-3.5-medium", "Base checkpoint: hub id, diffusers "
+                       "directory, mini:NAME or a mini directory (flowopd.models.loading.load_policy).")
+    output_dir: str = _help("runs/grpo", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
+    seed: int = _help(42, "Seeds the prompt/noise generator and the adapter init (Flow-GRPO: 42).")
+    resume: str = _help("", "'' starts fresh; 'latest' continues from the newest checkpoint in output_dir "
+                        "(fresh if none); or a checkpoint directory.")
+    imports: list[str] = _help([], "Modules imported first, so that they can register scorers.")
+    mixed_precision: str = _help("bf16", "'no', 'bf16' or 'fp16': dtype of the frozen base weights and "
+                                 "accelerate's autocast; the adapter stays float32 and the VAE float32.")
+    allow_tf32: bool = _help(True, "TF32 matmuls on Ampere+ GPUs (Flow-GRPO: true).")
+    cpu: bool = _help(False, "Run on CPU even when a GPU is present.")
+    # --- LoRA
+    lora_rank: int = _help(32, "LoRA rank (published 32).")
+    lora_alpha: float = _help(64.0, "LoRA alpha (published 64; scaling alpha / rank = 2).")
+    lora_target_modules: list[str] = _help(list(LORA_TARGET_MODULES), "Module-name suffixes that get adapters "
+                                           "(Flow-GRPO's joint-attention projections).")
+    lora_init: str = _help("gaussian", "peft init_lora_weights (Flow-GRPO: gaussian, B = 0).")
+    lora_path: str = _help("", "Start from this adapter (peft format) instead of a fresh one.")
+    # --- sampling
+    resolution: int = _help(512, "Image height and width (published 512).")
+    num_steps: int = _help(10, "Sampling steps of a training rollout (published 10; evaluation uses 40).")
+    guidance_scale: float = _help(4.5, "CFG scale for rollouts and the training forward (published 4.5).")
+    noise_level: float = _help(0.7, "SDE noise level a in sigma_t = a sqrt(t / (1 - t)) (published 0.7).")
+    sde_type: str = _help("sde", "'sde' (Flow-GRPO) or 'cps' (coefficient-preserving sampling).")
+    sde_window_size: int = _help(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic and "
+                                 "trained, the rest ODE; 0 = every step stochastic.")
+    sde_window_range: list[int] = _help([0, 10], "Range (lo, hi) the SDE window is drawn in, per iteration.")
+    timestep_fraction: float = _help(0.99, "Without a window, train the first int(num_steps * fraction) "
+                                     "steps (published 0.99: 9 of 10).")
+    log_prob_reduction: str = _help("mean", "Log-prob over latent elements: 'mean' (Flow-GRPO; the clip "
+                                    "range 1e-4 is tuned for it) or 'sum' (exact density).")
+    group_size: int = _help(24, "Images per prompt k (published 24).")
+    prompts_per_iteration: int = _help(48, "Distinct prompt draws per iteration over all processes "
+                                       "(published 48: 48 x 24 = 1152 images per epoch on 32 GPUs).")
+    sample_batch_size: int = _help(9, "Images per sampling batch per process (published 9).")
+    prompts: list[PromptSourceConfig] = _help([], "Prompt sources (one per task).")
+    mix: str = _help("iteration", "'iteration': each iteration draws from one source, cycling by integer "
+                     "weights (the public GRPO-Mix alternation); 'prompt': each prompt picks a source.")
+    reward: RewardConfig = _help(RewardConfig(), "The reward; see RewardConfig.")
+    reward_workers: int = _help(1, "Threads that score a sampling batch while the next one samples; 0 = "
+                                "score synchronously.")
+    # --- optimisation
+    num_iterations: int = _help(1000, "Iterations (Flow-GRPO epochs) to run; Flow-GRPO runs until stopped.")
+    updates_per_iteration: int = _help(2, "Optimizer steps per iteration (Flow-GRPO: gradient accumulation "
+                                       "over half the sampling batches, i.e. 2).")
+    learning_rate: float = _help(3e-4, "AdamW learning rate (published 3e-4).")
+    adam_beta1: float = _help(0.9, "AdamW beta1.")
+    adam_beta2: float = _help(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _help(1e-4, "AdamW weight decay (Flow-GRPO 1e-4).")
+    adam_epsilon: float = _help(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = _help("constant", "diffusers.optimization scheduler name (Flow-GRPO: constant).")
+    lr_warmup_steps: int = _help(0, "Warm-up optimizer steps of the scheduler.")
+    max_grad_norm: float = _help(1.0, "Gradient-norm clip (published 1.0).")
+    clip_range: float = _help(1e-4, "PPO clip eps (published 1e-4, for the per-element-mean log-prob).")
+    adv_clip_max: float = _help(5.0, "Advantages clipped to +- this (published 5).")
+    advantage_std: str = _help("batch", "'batch' std over all rewards of the iteration (Flow-GRPO "
+                               "global_std = true) or 'group' std.")
+    beta: float = _help(0.04, "KL weight to the reference (0.04 GenEval/OCR, 0.01 PickScore); 0 = no KL.")
+    cfg_detach_uncond: bool = _help(True, "Detach the unconditional CFG branch in the training forward, as "
+                                    "Flow-GRPO's compute_log_prob does.")
+    ema: bool = _help(True, "EMA of the adapter; checkpoints and evaluation use the EMA weights.")
+    ema_decay: float = _help(0.9, "EMA decay (Flow-GRPO 0.9, with warm-up min((1+s)/(10+s), decay)).")
+    ema_update_interval: int = _help(8, "Optimizer steps between EMA updates (Flow-GRPO 8).")
+    # --- checkpoints, evaluation, logging
+    save_every: int = _help(60, "Checkpoint every N iterations, and at the end (Flow-GRPO save_freq 60).")
+    eval_every: int = _help(60, "Evaluate every N iterations, before the first and at the end; 0 = never.")
+    eval_benchmarks: list[str] = _help([], "Benchmarks of flowopd.bench for periodic evaluation.")
+    eval_limit: int | None = _help(None, "Evaluate on the first N prompts of each benchmark (None = all).")
+    eval_batch_size: int = _help(8, "Batch size of evaluation sampling.")
+    tensorboard: bool = _help(True, "Write tensorboard events to <output_dir>/tensorboard.")
+    progress: bool = _help(True, "Show a progress bar.")
+
+
+@dataclass
+class IterationPlan:
+    """Everything random about one iteration, drawn identically by every process."""
+
+    metas: list[dict[str, Any]]  # one per sample (global order)
+    group_ids: np.ndarray  # (N,) int, one id per distinct (task, prompt)
+    noise_seeds: np.ndarray  # (N,) seeds of the starting noise
+    sde_seeds: np.ndarray  # (N,) seeds of the step noise
+    sde_steps: list[int]
+    shuffle_seed: int
+
+
+@dataclass
+class GRPOResult:
+    output_dir: Path
+    iteration: int
+    optimizer_step: int
+    history: list[dict[str, float]]
+    checkpoints: list[Path]
+    policy: Any
+
+
+class PromptSampler:
+    """Draws training prompts from the recipe's sources (see PromptSourceConfig and GRPOConfig.mix)."""
+
+    def __init__(self, sources: Sequence[PromptSourceConfig], mix: str = "iteration") -> None:
+        from flowopd.bench.spec import PromptSetSpec, get_spec
+        from flowopd.data import load_prompts
+        from flowopd.registry import import_string
+
+        if not sources:
+            raise ConfigError("no prompt sources: add at least one [[prompts]] table to the recipe")
+        if mix not in ("iteration", "prompt"):
+            raise ConfigError(f"mix must be 'iteration' or 'prompt', got {mix!r}")
+        self.sources, self.mix = list(sources), mix
+        self.pools: list[list[dict[str, Any]] | None] = []
+        self.fns: list[Any] = []
+        for i, s in enumerate(self.sources):
+            kinds = [k for k in ("sampler", "prompt_set", "benchmark") if getattr(s, k)]
+            if len(kinds) != 1:
+                raise ConfigError(f"prompts[{i}] (task {s.task!r}) needs exactly one of sampler, prompt_set, "
+                                  f"benchmark; got {kinds or 'none'}")
+            if s.weight <= 0:
+                raise ConfigError(f"prompts[{i}]: weight must be > 0, got {s.weight}")
+            self.fns.append(import_string(s.sampler) if s.sampler else None)
+            if s.prompt_set:
+                self.pools.append(load_prompts(PromptSetSpec(**s.prompt_set)))
+            elif s.benchmark:
+                self.pools.append(load_prompts(get_spec(s.benchmark).prompts))
+            else:
+                self.pools.append(None)
+        weights = [s.weight for s in self.sources]
+        if mix == "iteration":
+            if any(w != int(w) for w in weights):
+                raise ConfigError(f"mix = 'iteration' cycles whole iterations: weights must be integers, got {weights}")
+            self.cycle = [i for i, w in enumerate(weights) for _ in range(int(w))]
+        self.probs = np.asarray(weights, dtype=np.float64) / sum(weights)
+
+    def draw(self, rng: np.random.Generator, iteration: int, n: int) -> list[dict[str, Any]]:
+        """``n`` prompt metadata dicts for ``iteration`` (1-based), each with its source's ``task``."""
+        if self.mix == "iteration":
+            which = np.full(n, self.cycle[(iteration - 1) % len(self.cycle)])
+        else:
+            which = rng.choice(len(self.sources), size=n, p=self.probs)
+        out: list[dict[str, Any]] = [{}] * n
+        for src in dict.fromkeys(which.tolist()):
+            slots = np.flatnonzero(which == src)
+            pool, fn, s = self.pools[src], self.fns[src], self.sources[src]
+            if pool is not None:
+                picks = [pool[j] for j in rng.choice(len(pool), size=len(slots), replace=len(slots) > len(pool))]
+            else:
+                picks = [fn(rng, **s.sampler_args) for _ in slots]
+            for slot, meta in zip(slots, picks):
+                if not isinstance(meta.get("prompt"), str):
+                    raise ValueError(f"prompt source {src} (task {s.task!r}) gave an item without a 'prompt'")
+                out[slot] = {**meta, "task": s.task}
+        return out
+
+
+def plan_iteration(config: GRPOConfig, sampler: PromptSampler, rng: np.random.Generator, iteration: int) -> IterationPlan:
+    """Prompts, groups, seeds and SDE steps of one iteration, from the shared generator ``rng``."""
+    p, k = config.prompts_per_iteration, config.group_size
+    prompts = sampler.draw(rng, iteration, p)
+    prompt_of = np.repeat(np.arange(p), k)[rng.permutation(p * k)]
+    keys: dict[tuple[str, str], int] = {}
+    group_of_prompt = [keys.setdefault((m["task"], m["prompt"]), len(keys)) for m in prompts]
+    return IterationPlan(
+        metas=[prompts[i] for i in prompt_of],
+        group_ids=np.asarray(group_of_prompt)[prompt_of],
+        noise_seeds=rng.integers(0, 2**31 - 1, size=p * k),
+        sde_seeds=rng.integers(0, 2**31 - 1, size=p * k),
+        sde_steps=sde_window(config.num_steps, config.sde_window_size, config.sde_window_range, rng),
+        shuffle_seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def compute_advantages(
+    total: np.ndarray, group_ids: np.ndarray, clip: float, std: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group advantages of the finite rewards (METHOD.md s.3); NaN rewards get 0 and are not kept."""
+    adv = np.zeros(len(total), dtype=np.float32)
+    keep = np.zeros(len(total), dtype=bool)
+    finite = np.isfinite(total)
+    if finite.any():
+        a, k = group_advantages(
+            torch.as_tensor(total[finite]), torch.as_tensor(group_ids[finite]), eps=1e-4, clip=clip, std=std
+        )
+        adv[finite], keep[finite] = a.numpy(), k.numpy()
+    return adv, keep
+
+
+def micro_batches(keep: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Split a process's kept samples into ``count`` equal micro-batches, in random order.
+
+    As Flow-GRPO does, dropped samples (advantage 0) pad the kept ones up to a multiple of ``count`` so that
+    every process runs the same number of backward passes (DDP); a process with nothing kept trains on
+    ``count`` dropped samples, whose only gradient is the KL term.
+    """
+    kept, dropped = rng.permutation(np.flatnonzero(keep)), rng.permutation(np.flatnonzero(~keep))
+    target = max(count, math.ceil(len(kept) / count) * count)
+    order = np.concatenate([kept, dropped[: target - len(kept)]])
+    return np.split(order, count)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``grpo CONFIG [key=value ...]`` (the arguments after the subcommand)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or "=" in args[0]:
+        print("usage: python -m flowopd.train grpo CONFIG.toml [key=value ...]\n\n" + describe_fields())
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    result = train(load_config(GRPOConfig, args[0], args[1:]))
+    last = result.checkpoints[-1] if result.checkpoints else None
+    print(f"done: iteration {result.iteration}, {result.optimizer_step} optimizer steps; last checkpoint {last}")
+    return 0
+
+
+def describe_fields() -> str:
+    lines = ["keys (default): help"]
+    for f in dataclasses.fields(GRPOConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def train(
+    config: GRPOConfig,
+    scorers: Mapping[str, Scorer] | None = None,
+    eval_scorers: Mapping[str, Scorer] | None = None,
+) -> GRPOResult:
+    """Run the recipe. ``scorers`` (by scorer name) and ``eval_scorers`` (by benchmark) may be injected."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    for module in config.imports:
+        importlib.import_module(module)
+    _check(config)
+    n_train = len(trained_positions(config.num_steps, config.sde_window_size or config.num_steps,
+                                    config.timestep_fraction, config.sde_window_size > 0))
+    # Flow-GRPO's layout: the sampling batches of an iteration are its micro-batches.
+    total = config.prompts_per_iteration * config.group_size
+    world = PartialState(cpu=config.cpu).num_processes
+    if total % (world * config.sample_batch_size):
+        raise ConfigError(
+            f"prompts_per_iteration x group_size = {total} samples must split into {world} processes x batches "
+            f"of sample_batch_size = {config.sample_batch_size}"
+        )
+    n_batches = total // (world * config.sample_batch_size)
+    if n_batches % config.updates_per_iteration:
+        raise ConfigError(f"{n_batches} sampling batches per process do not split into updates_per_iteration = "
+                          f"{config.updates_per_iteration} equal updates")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=n_batches // config.updates_per_iteration * n_train,
+        cpu=config.cpu,
+    )
+    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+    set_seed(config.seed)
+    out_dir = Path(config.output_dir)
+
+    policy, model = _build_policy(config, accelerator.device)
+    named = lora_parameters(model)
+    optimizer = torch.optim.AdamW(
+        [p for _, p in named], lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+    )
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                              num_training_steps=config.num_iterations * config.updates_per_iteration)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_trainable_module(policy, model)
+    named = lora_parameters(model)
+    ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
+    reward = Reward(_reward_tasks(config.reward), config.reward.scales, scorers, config.reward.scorer_options,
+                    config.reward.servers, accelerator.device)
+    sampler = PromptSampler(config.prompts, config.mix)
+    rng = np.random.default_rng(config.seed)
+
+    start, step = 0, 0
+    resume_dir = _resume_dir(config, out_dir)
+    if resume_dir is not None:
+        start, step = load_checkpoint(resume_dir, accelerator, named, optimizer, scheduler, ema, rng)
+    main_process = accelerator.is_main_process
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
+    writer = _writer(out_dir, start) if config.tensorboard and main_process else None
+    history: list[dict[str, float]] = []
+    checkpoints: list[Path] = []
+    if config.eval_every and config.eval_benchmarks and resume_dir is None:
+        history.append(_log({"iteration": 0, **_evaluate(config, policy, model, named, ema, 0, eval_scorers,
+                                                          accelerator)}, writer, out_dir, main_process))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.num_iterations, initial=start, desc="grpo", unit="it",
+               disable=not (config.progress and accelerator.is_local_main_process))
+    executor = ThreadPoolExecutor(config.reward_workers) if config.reward_workers > 0 else None
+    try:
+        for iteration in range(start + 1, config.num_iterations + 1):
+            t0 = time.perf_counter()
+            plan = plan_iteration(config, sampler, rng, iteration)
+            n_local = total // accelerator.num_processes
+            local = np.arange(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
+            traj, cond, rewards, timing = _rollout(config, policy, model, plan, local, reward, executor)
+            metrics = _reward_metrics(accelerator, plan, rewards, reward.keys)
+            total_r = metrics.pop("_total")
+            adv, keep = compute_advantages(total_r, plan.group_ids, config.adv_clip_max, config.advantage_std)
+            metrics["advantage/abs_mean"] = float(np.abs(adv[keep]).mean()) if keep.any() else 0.0
+            metrics["train/kept_fraction"] = float(keep.mean())
+            t1 = time.perf_counter()
+            if keep.any():
+                batches = micro_batches(keep[local], n_batches, np.random.default_rng([plan.shuffle_seed,
+                                                                                          accelerator.process_index]))
+                stats, step = _train_iteration(config, accelerator, policy, model, named, optimizer, scheduler, ema,
+                                               traj, cond, torch.as_tensor(adv[local]), batches, step)
+                metrics.update(stats)
+            del traj, cond
+            metrics.update({"time/sample_s": timing["sample"], "time/reward_wait_s": timing["reward_wait"],
+                            "time/train_s": time.perf_counter() - t1})
+            if iteration % config.save_every == 0 or iteration == config.num_iterations:
+                path = out_dir / "checkpoints" / f"iteration-{iteration:06d}"
+                save_checkpoint(path, accelerator, model, named, optimizer, scheduler, ema, rng,
+                                {"iteration": iteration, "optimizer_step": step}, config)
+                checkpoints.append(path)
+            if config.eval_every and config.eval_benchmarks and (
+                iteration % config.eval_every == 0 or iteration == config.num_iterations
+            ):
+                metrics.update(_evaluate(config, policy, model, named, ema, iteration, eval_scorers, accelerator))
+            metrics.update({"iteration": iteration, "optimizer_step": step,
+                            "time/iteration_s": time.perf_counter() - t0})
+            history.append(_log(metrics, writer, out_dir, main_process))
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('reward/total', math.nan):.4f}")
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.shutdown(wait=True)
+        if writer is not None:
+            writer.close()
+    accelerator.wait_for_everyone()
+    return GRPOResult(out_dir, max(start, config.num_iterations), step, history, checkpoints, policy)
+
+
+def _check(config: GRPOConfig) -> None:
+    choices = {"mixed_precision": _DTYPES, "sde_type": ("sde", "cps"), "log_prob_reduction": ("mean", "sum"),
+               "advantage_std": ("batch", "group"), "mix": ("iteration", "prompt")}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {sorted(allowed)}, got {getattr(config, name)!r}")
+    if config.group_size < 2:
+        raise ConfigError(f"group_size must be >= 2 (a group of one has no advantage), got {config.group_size}")
+    for name in ("prompts_per_iteration", "sample_batch_size", "updates_per_iteration", "num_iterations",
+                 "save_every", "num_steps"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not config.reward.weights and not config.reward.tasks:
+        raise ConfigError("no reward: set reward.weights = {scorer = weight} or [reward.tasks.<task>]")
+
+
+def _reward_tasks(reward: RewardConfig) -> dict[str, dict[str, float]]:
+    tasks = {str(k): dict(v) for k, v in reward.tasks.items()}
+    if reward.weights:
+        tasks[ANY_TASK] = dict(reward.weights)
+    return tasks
+
+
+def _build_policy(config: GRPOConfig, device: torch.device) -> tuple[Any, torch.nn.Module]:
+    """Load the base policy frozen in the run's dtype and put a float32 LoRA adapter on its velocity network."""
+    from flowopd.models.loading import load_policy
+
+    dtype = _DTYPES[config.mixed_precision]
+    policy = load_policy(config.model, device=device, dtype=dtype)
+    pipe = getattr(policy, "pipe", None)
+    if pipe is not None:
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
+        pipe.vae.to(torch.float32)  # decoding in float32, as Flow-GRPO keeps its VAE
+    else:
+        trainable_module(policy).to(dtype)
+    model = add_lora(trainable_module(policy), config.lora_rank, config.lora_alpha, config.lora_target_modules,
+                     config.lora_init, adapter_path=config.lora_path or None, base_model=config.model)
+    set_trainable_module(policy, model)
+    return policy, model
+
+
+def _rollout(
+    config: GRPOConfig,
+    policy: Any,
+    model: torch.nn.Module,
+    plan: IterationPlan,
+    local: np.ndarray,
+    reward: Reward,
+    executor: ThreadPoolExecutor | None,
+) -> tuple[Trajectory, Conditioning, RewardOutput, dict[str, float]]:
+    """Sample this process's share in batches; score each batch (in the background when asked)."""
+    model.eval()
+    parts, conds, futures = [], [], []
+    t0 = time.perf_counter()
+    b = config.sample_batch_size
+    for start in range(0, len(local), b):
+        ids = local[start : start + b]
+        metas = [plan.metas[i] for i in ids]
+        texts = [m["prompt"] for m in metas]
+        cond = policy.encode_prompts(texts)
+        noise = policy.initial_noise(plan.noise_seeds[ids].tolist(), config.resolution, config.resolution)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in plan.sde_seeds[ids]]
+        traj = sample_sde_trajectory(policy, cond, noise, config.num_steps, config.guidance_scale,
+                                     config.noise_level, plan.sde_steps, gens, config.log_prob_reduction,
+                                     config.sde_type)
+        images, traj.images = traj.images, traj.images[:0]  # the scorer keeps the images; training does not
+        if executor is not None:
+            futures.append(executor.submit(_score, reward, images, texts, metas))
+        else:
+            done: Future = Future()
+            done.set_result(_score(reward, images, texts, metas))
+            futures.append(done)
+        parts.append(traj)
+        conds.append(cond)
+    t1 = time.perf_counter()
+    outs = [f.result() for f in futures]
+    t2 = time.perf_counter()
+    rewards = RewardOutput(
+        total=np.concatenate([o.total for o in outs]),
+        terms={k: np.concatenate([o.terms[k] for o in outs]) for k in reward.keys},
+        tasks=[t for o in outs for t in o.tasks],
+    )
+    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return concat_trajectories(parts), cond, rewards, {"sample": t1 - t0, "reward_wait": t2 - t1}
+
+
+def _score(reward: Reward, images: torch.Tensor, prompts: list[str], metas: list[dict[str, Any]]) -> RewardOutput:
+    with torch.no_grad():  # grad mode is per thread: a worker thread starts with it on
+        return reward(images, prompts, metas)
+
+
+def _reward_metrics(accelerator: Any, plan: IterationPlan, rewards: RewardOutput, keys: Sequence[str]) -> dict[str, Any]:
+    """Gather every process's rewards; per-term and per-task means (NaN-aware) for the logs."""
+    local = np.stack([rewards.total, *(rewards.terms[k] for k in keys)], axis=1)
+    gathered = accelerator.gather(torch.as_tensor(local, dtype=torch.float64, device=accelerator.device))
+    values = gathered.cpu().numpy()
+    total = values[:, 0]
+    metrics: dict[str, Any] = {"_total": total, "reward/total": _nanmean(total), "reward/std": _nanstd(total)}
+    for j, key in enumerate(keys, start=1):
+        metrics[f"reward/{key}"] = _nanmean(values[:, j])
+    tasks = [m["task"] for m in plan.metas]
+    if len(set(tasks)) > 1:
+        for task in sorted(set(tasks)):
+            metrics[f"reward_task/{task}"] = _nanmean(total[np.asarray(tasks) == task])
+    groups = np.unique(plan.group_ids)
+    zero_std = [np.nanstd(total[plan.group_ids == g]) == 0 for g in groups]
+    metrics["train/zero_std_groups"] = float(np.mean(zero_std))
+    return metrics
+
+
+def _train_iteration(
+    config: GRPOConfig,
+    accelerator: Any,
+    policy: Any,
+    model: torch.nn.Module,
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: Any,
+    scheduler: Any,
+    ema: EMA | None,
+    traj: Trajectory,
+    cond: Conditioning,
+    adv: torch.Tensor,
+    batches: list[np.ndarray],
+    step: int,
+) -> tuple[dict[str, float], int]:
+    """The clipped surrogate (+ KL to the reference) over every trained step of every micro-batch."""
+    model.train()
+    positions = trained_positions(config.num_steps, len(traj.step_indices), config.timestep_fraction,
+                                  config.sde_window_size > 0)
+    params = [p for _, p in named]
+    device = accelerator.device
+    adv = adv.to(device)
+    collected: dict[str, list[torch.Tensor]] = {}
+    grad_norms, lrs = [], []
+    for batch in batches:
+        idx = torch.as_tensor(batch, dtype=torch.long, device=traj.states.device)
+        cond_mb = index_cond(cond, idx)
+        for j in positions:
+            x, nxt = traj.states[idx, j], traj.next_states[idx, j]
+            t, t_next = traj.times[j], traj.next_times[j]
+            with accelerator.accumulate(model):
+                new = step_log_prob(policy, x, t, t_next, nxt, cond_mb, config.guidance_scale, config.noise_level,
+                                    config.sde_type, config.log_prob_reduction, config.cfg_detach_uncond)
+                kl = None
+                if config.beta > 0:
+                    with torch.no_grad(), adapter_disabled(model):
+                        ref = step_log_prob(policy, x, t, t_next, nxt, cond_mb, config.guidance_scale,
+                                            config.noise_level, config.sde_type, config.log_prob_reduction)
+                    kl = reference_kl(new.mean, ref.mean, new.sigma, reduction="none")
+                loss, stats = grpo_loss(new.log_prob, traj.log_probs[idx, j], adv[idx], kl=kl, beta=config.beta,
+                                        clip_range=config.clip_range, adv_clip=config.adv_clip_max)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norms.append(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad()
+            for k, v in stats.items():
+                collected.setdefault(k, []).append(v.detach().float())
+            if accelerator.sync_gradients:
+                lrs.append(scheduler.get_last_lr()[0])
+                scheduler.step()
+                step += 1
+                if ema is not None:
+                    ema.update(named, step)
+    local = {k: torch.stack(v) for k, v in collected.items()}
+    reduce = {"ratio_min": torch.min, "ratio_max": torch.max}
+    out = {}
+    for k, v in local.items():
+        part = reduce[k](v) if k in reduce else v.mean()
+        every = accelerator.gather(part.reshape(1).to(device))
+        out[f"train/{k}"] = float(reduce[k](every) if k in reduce else every.mean())
+    if grad_norms:
+        out["train/grad_norm"] = float(torch.stack([torch.as_tensor(g, dtype=torch.float32) for g in grad_norms]).mean())
+    if lrs:
+        out["train/lr"] = float(lrs[-1])
+    return out, step
+
+
+@contextlib.contextmanager
+def _inference_view(policy: Any, model: torch.nn.Module, named: Sequence[tuple[str, Any]], ema: EMA | None) -> Iterator[None]:
+    """The policy with the EMA weights, its network out of DDP (evaluation runs on one process only)."""
+    set_trainable_module(policy, unwrap(model))
+    model.eval()
+    try:
+        with ema.applied(named) if ema is not None else contextlib.nullcontext():
+            yield
+    finally:
+        set_trainable_module(policy, model)
+
+
+def _evaluate(
+    config: GRPOConfig,
+    policy: Any,
+    model: torch.nn.Module,
+    named: Sequence[tuple[str, Any]],
+    ema: EMA | None,
+    iteration: int,
+    scorers: Mapping[str, Scorer] | None,
+    accelerator: Any,
+) -> dict[str, float]:
+    """Headline metric of every evaluation benchmark (flowopd.bench.evaluate) on the main process."""
+    from flowopd.bench.evaluate import evaluate
+
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        t0 = time.perf_counter()
+        with _inference_view(policy, model, named, ema), torch.no_grad():
+            results = evaluate(
+                checkpoint=None, policy=policy, benchmarks=config.eval_benchmarks,
+                out=Path(config.output_dir) / "eval" / f"iteration-{iteration:06d}", limit=config.eval_limit,
+                batch_size=config.eval_batch_size, device=str(accelerator.device), scorers=scorers,
+                progress=False, log=lambda _: None,
+            )
+        for name, record in results["benchmarks"].items():
+            for metric, value in record["metrics"].items():
+                metrics[f"eval/{name}/{metric}"] = float(value["value"])
+        metrics["time/eval_s"] = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+# ---------------------------------------------------------------- logging
+
+
+def _writer(out_dir: Path, start: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # pragma: no cover - tensorboard is in the train and dev extras
+        raise ImportError("tensorboard logging needs `pip install tensorboard` (or set tensorboard = false)") from e
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start + 1 if start else None)
+
+
+def _log(metrics: dict[str, Any], writer: Any, out_dir: Path, main_process: bool) -> dict[str, float]:
+    row = {k: float(v) for k, v in metrics.items()}
+    if main_process:
+        it = int(row.get("iteration", 0))
+        if writer is not None:
+            for k, v in row.items():
+                if k != "iteration" and math.isfinite(v):
+                    writer.add_scalar(k, v, it)
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({k: (v if math.isfinite(v) else None) for k, v in row.items()}) + "\n")
+    return row
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
+def _nanstd(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.std()) if x.size else math.nan
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _resume_dir(config: GRPOConfig, out_dir: Path) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "latest":
+        found = sorted((out_dir / "checkpoints").glob("iteration-[0-9]*[0-9]"))
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not (path / "state" / "trainer.json").is_file():
+        raise FileNotFoundError(f"resume = {config.resume!r}: no GRPO checkpoint there (expected state/trainer.json)")
+    return path
+
+
+def save_checkpoint(
+    path: Path,
+    accelerator: Any,
+    model: torch.nn.Module,
+    named: Sequence[tuple[str, torch.Tensor]],
+    optimizer: Any,
+    scheduler: Any,
+    ema: EMA | None,
+    rng: np.random.Generator,
+    counters: Mapping[str, int],
+    config: GRPOConfig,
+) -> Path:
+    """Write the checkpoint into ``path`` atomically (a temporary directory renamed at the end)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    state = tmp / "state"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        state.mkdir(parents=True)
+        with ema.applied(named) if ema is not None else contextlib.nullcontext():
+            save_adapter(model, tmp / "adapter")
+        save_file({n: p.detach().cpu().contiguous() for n, p in named}, str(state / "adapter_live.safetensors"))
+        if ema is not None:
+            save_file({n: t.cpu().contiguous() for n, t in ema.state_dict().items()}, str(state / "ema.safetensors"))
+        torch.save(optimizer.state_dict(), state / "optimizer.pt")
+        torch.save(scheduler.state_dict(), state / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), state / "scaler.pt")
+        trainer = {"format": CHECKPOINT_FORMAT, **counters, "num_processes": accelerator.num_processes,
+                   "sampler_rng": rng.bit_generator.state, "config": to_dict(config)}
+        (state / "trainer.json").write_text(json.dumps(trainer, indent=1, default=str) + "\n")
+    accelerator.wait_for_everyone()
+    _save_rng(state, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_checkpoint(
+    path: Path,
+    accelerator: Any,
+    named: Sequence[tuple[str, torch.nn.Parameter]],
+    optimizer: Any,
+    scheduler: Any,
+    ema: EMA | None,
+    rng: np.random.Generator,
+) -> tuple[int, int]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns (iteration, optimizer step)."""
+    from safetensors.torch import load_file
+
+    state = path / "state"
+    trainer = json.loads((state / "trainer.json").read_text())
+    if trainer.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{state / 'trainer.json'}: format {trainer.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    live = load_file(str(state / "adapter_live.safetensors"))
+    names = [n for n, _ in named]
+    if sorted(live) != sorted(names):
+        raise KeyError(f"{state / 'adapter_live.safetensors'}: adapter weights {sorted(set(live) ^ set(names))[:4]} "
+                       f"do not match the model's adapter (different lora_rank/targets/model?)")
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(live[n])
+    if ema is not None:
+        ema_file = state / "ema.safetensors"
+        if not ema_file.is_file():
+            raise FileNotFoundError(f"{ema_file} missing: the checkpoint was written with ema = false")
+        ema.load_state_dict(load_file(str(ema_file)))
+    optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(state / "scheduler.pt", map_location="cpu", weights_only=True))
+    if accelerator.scaler is not None and (state / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(state / "scaler.pt", weights_only=True))
+    rng.bit_generator.state = trainer["sampler_rng"]
+    if trainer.get("num_processes") != accelerator.num_processes:
+        print(f"resume: checkpoint from {trainer.get('num_processes')} processes, running {accelerator.num_processes}: "
+              "global RNG states restored from process 0", file=sys.stderr)
+    rank = accelerator.process_index if (state / f"rng_{accelerator.process_index}.json").is_file() else 0
+    _load_rng(state, rank)
+    return int(trainer["iteration"]), int(trainer["optimizer_step"])
+
+
+def _save_rng(state: Path, rank: int) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(state / f"rng_{rank}.safetensors"))
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    (state / f"rng_{rank}.json").write_text(json.dumps({
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss_next],
+    }))
+
+
+def _load_rng(state: Path, rank: int) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(state / f"rng_{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    saved = json.loads((state / f"rng_{rank}.json").read_text())
+    name, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = saved["python"]
+    random.setstate((version, tuple(internal), gauss_next))
