@@ -241,7 +241,7 @@ def test_local_checkpoint_path_loads_without_open_clip(tiny, monkeypatch):
     monkeypatch.setattr(hps, "OPEN_CLIP_VIT_H_14", cfg)
     monkeypatch.setattr(hps, "load_hps_clip", lambda p: load_hps_clip(p, cfg, eos_token_id=tokenizer.eos_token_id))
     monkeypatch.setattr("transformers.CLIPTokenizer.from_pretrained", lambda *a, **k: tokenizer)
-    s = HPSScorer(checkpoint=str(path.parent), device="cpu")  # a directory holding HPS_v2.1_compressed.pt
+    s = HPSScorer(model_id=str(path.parent), device="cpu")  # a directory holding HPS_v2.1_compressed.pt
     images = _images(2)
     np.testing.assert_allclose(
         s.score(images, PROMPTS[:2]).scores,
@@ -254,7 +254,7 @@ def test_offline_loading_names_the_checkpoint_and_the_local_path_option(monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(OSError, match=r"xswu/HPSv2(.|\n)*checkpoint='/path/to/HPS_v2.1_compressed.pt'"):
+        with pytest.raises(OSError, match=r"xswu/HPSv2(.|\n)*model_id='/path/to/HPS_v2.1_compressed.pt'"):
             HPSScorer()
 
 

@@ -4,6 +4,7 @@ a direct computation of the official BLIP ViT + med.py BERT + MLP forward writte
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -226,11 +227,11 @@ def test_bfloat16_encoders_keep_a_float32_head(tiny):
     _, _, model, tokenizer = tiny
     images = _images(2)
     fp32 = ImageRewardScorer(factory=lambda: (model, tokenizer), device="cpu").score(images, PROMPTS[:2]).scores
-    scorer = ImageRewardScorer(factory=lambda: (model, tokenizer), device="cpu", dtype=torch.bfloat16)
+    copy = deepcopy(model)  # the scorer casts its model in place
+    scorer = ImageRewardScorer(factory=lambda: (copy, tokenizer), device="cpu", dtype=torch.bfloat16)
     assert scorer.model.head.layers[0].weight.dtype == torch.float32
     assert scorer.model.vision.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     bf16 = scorer.score(images, PROMPTS[:2]).scores
-    model.float()
     assert np.allclose(bf16, fp32, atol=0.1)
 
 
@@ -248,5 +249,5 @@ def test_safetensors_copy_loads_the_same(tiny, tmp_path):
 
 def test_offline_loading_names_the_checkpoint_and_the_local_path_option(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match=r"THUDM/ImageReward(.|\n)*checkpoint='/path/to/ImageReward.pt'"):
+    with pytest.raises(OSError, match=r"THUDM/ImageReward(.|\n)*model_id='/path/to/ImageReward.pt'"):
         ImageRewardScorer()

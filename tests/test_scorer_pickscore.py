@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -114,8 +115,8 @@ def test_score_is_logit_scale_times_cosine(parts):
 def test_bfloat16_runs_and_stays_close(parts):
     images = _images(2, size=40)
     fp32 = PickScoreScorer(factory=lambda: parts, device="cpu").score(images, PROMPTS[:2]).scores
-    bf16 = PickScoreScorer(factory=lambda: parts, device="cpu", dtype=torch.bfloat16).score(images, PROMPTS[:2]).scores
-    parts[0].float()
+    copy = (deepcopy(parts[0]), parts[1])  # the scorer casts its model in place
+    bf16 = PickScoreScorer(factory=lambda: copy, device="cpu", dtype=torch.bfloat16).score(images, PROMPTS[:2]).scores
     assert bf16.dtype == np.float64 and np.allclose(bf16, fp32, atol=0.3)
 
 

@@ -73,8 +73,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flowopd.bench.evaluate import evaluate
     from flowopd.bench.report import markdown_summary
 
+    from flowopd.bench.spec import get_spec
+    from flowopd.scorers.client import RemoteScorer
+
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
+    remote = {}
+    for item in args.scorer_url:
+        name, sep, url = item.partition("=")
+        if not sep or not url:
+            raise ValueError(f"--scorer-url expects BENCHMARK=URL, got {item!r}")
+        remote[name] = RemoteScorer(url, expected_name=get_spec(name).scorer)
+    generation = {
+        k: v
+        for k, v in {"steps": args.steps, "height": args.resolution, "width": args.resolution,
+                     "guidance_scale": args.guidance_scale, "images_per_prompt": args.images_per_prompt}.items()
+        if v is not None
+    }
     results = evaluate(
+        generation=generation,
+        scorers=remote,
         checkpoint=args.checkpoint,
         benchmarks=benchmarks,
         out=args.out,
@@ -115,12 +132,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from flowopd.scorers.server import main as serve_main
-
-    return serve_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flowopd.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--base", help="base model for a LoRA adapter checkpoint")
     p.add_argument("--images", help="score images generated elsewhere (GenEval folders or <idx>.png)")
+    p.add_argument("--scorer-url", action="append", default=[], metavar="BENCHMARK=URL",
+                   help="score BENCHMARK through a scorer server (python -m flowopd.bench serve); repeatable")
+    p.add_argument("--steps", type=int, help="override the spec's sampling steps")
+    p.add_argument("--resolution", type=int, help="override the spec's height and width")
+    p.add_argument("--guidance-scale", type=float, help="override the spec's CFG scale")
+    p.add_argument("--images-per-prompt", type=int, help="override the spec's images per prompt")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -155,13 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--section", help="the [floors.NAME] section (default: the checkpoint's, else default)")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("serve", help="run a scorer behind a local HTTP server", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_serve)
+    sub.add_parser("serve", help="run a scorer behind a local HTTP server (serve --help for its options)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # everything after `serve` belongs to the server's own parser
+        from flowopd.scorers.server import main as serve_main
+
+        return serve_main(argv[1:], prog="python -m flowopd.bench serve")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -5,6 +5,7 @@ The same function serves the CLI, the nox table sessions and periodic evaluation
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from flowopd.bench.aggregate import aggregate
 from flowopd.bench.images import find_external_images, generate_images, sample_path
 from flowopd.bench.results import load_results, new_results, save_results
 from flowopd.bench.scoring import score_images
-from flowopd.bench.spec import BenchmarkSpec, all_specs, get_spec
+from flowopd.bench.spec import BenchmarkSpec, GenerationSpec, all_specs, get_spec
 from flowopd.data import load_prompts
 from flowopd.models.loading import DEFAULT_CHECKPOINT, checkpoint_kind, load_policy
 from flowopd.models.policy import Policy
@@ -55,6 +56,15 @@ def _check_shared_images(spec: BenchmarkSpec, owner: BenchmarkSpec) -> None:
         )
 
 
+def _with_generation(spec: BenchmarkSpec, overrides: Mapping[str, Any] | None) -> BenchmarkSpec:
+    if not overrides:
+        return spec
+    unknown = set(overrides) - set(GenerationSpec.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown generation setting(s) {sorted(unknown)}")
+    return dataclasses.replace(spec, generation=dataclasses.replace(spec.generation, **overrides))
+
+
 def evaluate(
     checkpoint: str | None = None,
     benchmarks: Sequence[str] | None = None,
@@ -66,17 +76,19 @@ def evaluate(
     base: str | None = None,
     policy: Policy | None = None,
     scorers: Mapping[str, Scorer] | None = None,
+    generation: Mapping[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or a folder of images) on benchmarks; returns the results record.
 
-    ``policy`` and ``scorers`` (benchmark name -> scorer) may be injected (tests, training loops).
+    ``policy`` and ``scorers`` (benchmark name -> scorer) may be injected (tests, training loops);
+    ``generation`` overrides the specs' generation settings (steps, height, width, guidance_scale, ...).
     """
     if images is None and checkpoint is None and policy is None:
         checkpoint = DEFAULT_CHECKPOINT
     names = list(benchmarks) if benchmarks else default_benchmarks(checkpoint)
-    specs = [get_spec(name) for name in names]  # fail on an unknown name before any work
+    specs = [_with_generation(get_spec(name), generation) for name in names]  # fail early on unknown names
     label = checkpoint or (f"images:{images}" if images else "policy")
     run_dir = Path(out) if out else Path("runs") / run_name(label)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +113,7 @@ def evaluate(
         else:
             image_set = spec.images_from or spec.name
             if spec.images_from:
-                _check_shared_images(spec, get_spec(spec.images_from))
+                _check_shared_images(spec, _with_generation(get_spec(spec.images_from), generation))
             root = run_dir / "images" / image_set
             if policy is None:
                 log(f"loading {checkpoint} on {device}")

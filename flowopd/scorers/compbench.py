@@ -227,16 +227,19 @@ class OwlDetector:
 class DepthEstimator:
     """The official depth PNG, recomputed: DPT inverse depth at 480 x 480, min-max, 8 bits, rule frame."""
 
-    def __init__(self, model: Any, device: torch.device, batch_size: int = 8) -> None:
+    def __init__(
+        self, model: Any, device: torch.device, input_size: int = DEPTH_INPUT_SIZE, batch_size: int = 8
+    ) -> None:
         self.model = model.to(device).eval()
         self.device = device
+        self.input_size = input_size
         self.batch_size = batch_size
 
     @torch.no_grad()
     def depth_maps(self, images: Sequence[Image.Image], frames: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Per image a float (h, w) map in [0, 1] on the rule frame (``frames``: (h, w)); larger = nearer."""
         out: list[np.ndarray] = []
-        size = (DEPTH_INPUT_SIZE, DEPTH_INPUT_SIZE)
+        size = (self.input_size, self.input_size)
         for chunk in batches(len(images), self.batch_size):
             arr = np.stack([np.asarray(im.resize(size, Image.Resampling.BILINEAR)) for im in images[chunk]])
             x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5).to(self.device)
@@ -327,6 +330,7 @@ class CompBenchScorer:
         label_space: str = "unidet",
         detection_threshold: float = DEFAULT_DETECTION_THRESHOLD,
         blip_image_size: int = BLIP_IMAGE_SIZE,
+        depth_input_size: int = DEPTH_INPUT_SIZE,
         nlp: Any = "auto",
         spacy_model: str = "en_core_web_sm",
         device: str | torch.device | None = None,
@@ -340,6 +344,7 @@ class CompBenchScorer:
         self.label_space = label_space
         self.detection_threshold = detection_threshold
         self.blip_image_size = blip_image_size
+        self.depth_input_size = depth_input_size
         self.batch_size = batch_size
         self.device = resolve_device(device)
         self.parser = rules.PromptParser(nlp, spacy_model)
@@ -393,7 +398,7 @@ class CompBenchScorer:
                 )
 
             model, processor = self._load("detector", load)
-            self._detector = OwlDetector(model, processor, self.device, self.detection_threshold)
+            self._detector = OwlDetector(model, processor, self.device, self.detection_threshold, self.batch_size)
         return self._detector
 
     def depth(self) -> DepthEstimator:
@@ -405,7 +410,7 @@ class CompBenchScorer:
                     DPTForDepthEstimation.from_pretrained, model_id, what="T2I-CompBench depth model", param="depth_model"
                 )
 
-            self._depth = DepthEstimator(self._load("depth", load), self.device)
+            self._depth = DepthEstimator(self._load("depth", load), self.device, self.depth_input_size, self.batch_size)
         return self._depth
 
     def clip(self) -> ClipSimilarity:

@@ -193,7 +193,7 @@ _ADJECTIVES = _COLOURS | set(
     "plush playful peaceful wild tasty savory sparkling shimmering".split()
 )
 _IRREGULAR_VERBS = set(
-    "sat hung fell shone sped wrote stood ran flew grew sang swam drove held kept led lit spun struck stuck took "
+    "sat lay hung fell shone sped wrote stood ran flew grew sang swam drove held kept led lit spun struck stuck took "
     "told woke blew drew ate went came gave found sits lies hangs shines reads holds".split()
 )
 _NOUNS_LIKE_VERBS = set(

@@ -74,8 +74,7 @@ def open_clip_clean(text: str) -> str:
         import ftfy
 
         text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
 def clip_config_from_open_clip(cfg: Mapping[str, Any], *, eos_token_id: int = 49407, bos_token_id: int = 49406) -> Any:
@@ -196,7 +195,7 @@ def load_hps_clip(path: str, open_clip_config: Mapping[str, Any] = OPEN_CLIP_VIT
 class HPSScorer:
     """HPS v2.x on (N, 3, H, W) float [0, 1] images and one prompt per image.
 
-    ``factory`` returns ``(clip_model, tokenizer)``; otherwise ``checkpoint`` (a hub repo id holding
+    ``factory`` returns ``(clip_model, tokenizer)``; otherwise ``model_id`` (a hub repo id holding
     ``HPS_FILES[hps_version]``, a local directory, or a local ``.pt``/``.safetensors`` file) is converted and
     ``tokenizer_id`` (CLIP BPE: hub id or a local directory with vocab.json + merges.txt) is loaded.
     """
@@ -209,7 +208,7 @@ class HPSScorer:
         self,
         *,
         hps_version: str = "v2.1",
-        checkpoint: str = DEFAULT_REPO,
+        model_id: str = DEFAULT_REPO,
         tokenizer_id: str = DEFAULT_TOKENIZER_ID,
         factory: Callable[[], tuple[Any, Any]] | None = None,
         device: str | torch.device | None = None,
@@ -224,7 +223,7 @@ class HPSScorer:
         if factory is None:
             from transformers import CLIPTokenizer
 
-            path = hub_file(checkpoint, HPS_FILES[hps_version], what=f"HPS {hps_version} checkpoint", param="checkpoint")
+            path = hub_file(model_id, HPS_FILES[hps_version], what=f"HPS {hps_version} checkpoint", param="model_id")
             model = load_hps_clip(path)
             tokenizer = from_pretrained(
                 CLIPTokenizer.from_pretrained, tokenizer_id, what="CLIP tokenizer", param="tokenizer_id"
@@ -241,7 +240,7 @@ class HPSScorer:
         self.context_length = int(model.config.text_config.max_position_embeddings)
         injected = ";injected" if factory is not None else ""
         self.version = (
-            f"code={CODE_VERSION};hps={hps_version};checkpoint={checkpoint}:{HPS_FILES[hps_version]};"
+            f"code={CODE_VERSION};hps={hps_version};model={model_id}:{HPS_FILES[hps_version]};"
             f"tokenizer={tokenizer_id};ftfy={_has_ftfy()};antialias={antialias}{injected}"
         )
 

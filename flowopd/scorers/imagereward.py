@@ -159,7 +159,7 @@ def load_imagereward_tokenizer(tokenizer_id: str = DEFAULT_TOKENIZER_ID) -> Any:
 class ImageRewardScorer:
     """ImageReward-v1.0 on (N, 3, H, W) float [0, 1] images and one prompt per image.
 
-    ``factory`` returns ``(ImageRewardModel, tokenizer)``; otherwise ``checkpoint`` (hub repo id holding
+    ``factory`` returns ``(ImageRewardModel, tokenizer)``; otherwise ``model_id`` (hub repo id holding
     ``ImageReward.pt``, a local directory, or a local ``.pt``/``.safetensors`` file) and ``tokenizer_id`` are loaded.
     """
 
@@ -170,7 +170,7 @@ class ImageRewardScorer:
     def __init__(
         self,
         *,
-        checkpoint: str = DEFAULT_REPO,
+        model_id: str = DEFAULT_REPO,
         tokenizer_id: str = DEFAULT_TOKENIZER_ID,
         factory: Callable[[], tuple[ImageRewardModel, Any]] | None = None,
         device: str | torch.device | None = None,
@@ -180,7 +180,7 @@ class ImageRewardScorer:
         max_length: int = TEXT_MAX_LENGTH,
     ) -> None:
         if factory is None:
-            path = hub_file(checkpoint, CHECKPOINT_FILE, what="ImageReward-v1.0 checkpoint", param="checkpoint")
+            path = hub_file(model_id, CHECKPOINT_FILE, what="ImageReward-v1.0 checkpoint", param="model_id")
             model = load_imagereward(path)
             tokenizer = load_imagereward_tokenizer(tokenizer_id)
         else:
@@ -195,7 +195,7 @@ class ImageRewardScorer:
         self.max_length = max_length
         injected = ";injected" if factory is not None else ""
         self.version = (
-            f"code={CODE_VERSION};checkpoint={checkpoint}:{CHECKPOINT_FILE};tokenizer={tokenizer_id};"
+            f"code={CODE_VERSION};model={model_id}:{CHECKPOINT_FILE};tokenizer={tokenizer_id};"
             f"max_length={max_length};resize={resize_backend}{injected}"
         )
 

@@ -490,7 +490,8 @@ def _build_policy(config: GRPOConfig, device: torch.device) -> tuple[Any, torch.
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False)
-        pipe.vae.to(torch.float32)  # decoding in float32, as Flow-GRPO keeps its VAE
+        if pipe.vae.dtype != torch.float32:
+            pipe.vae.to(torch.float32)  # decoding in float32, as Flow-GRPO keeps its VAE
     else:
         trainable_module(policy).to(dtype)
     model = add_lora(trainable_module(policy), config.lora_rank, config.lora_alpha, config.lora_target_modules,

@@ -122,7 +122,7 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     """Write the adapter in peft's format into directory ``path`` (adapter_config.json, adapter_model.safetensors)."""
     path = Path(path)
-    unwrap(model).save_pretrained(str(path), safe_serialization=True)
+    unwrap(model).save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
     return path
 
 
