@@ -321,6 +321,15 @@ def test_prompt_parser_requires_spacy_when_asked():
 # ----------------------------------------------------------------------------------------------- tiny models
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are dominated by thread start-up on a shared 2-core machine: run them single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Factories of tiny random BLIP-VQA, OWLv2, DPT and CLIP models with offline tokenizers."""
