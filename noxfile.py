@@ -18,7 +18,7 @@ TORCH = "torch==2.13.0"
 DATA = str((ROOT.parent / "shared" / "data").resolve())
 
 
-def _install(session: nox.Session, extras: str = "dev,ocr") -> None:
+def _install(session: nox.Session, extras: str = "dev,ocr,judge") -> None:
     session.install(TORCH)
     session.install("-e", f".[{extras}]")
 

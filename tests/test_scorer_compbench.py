@@ -28,7 +28,7 @@ def val_prompts(category: str, version: str = "t2i_compbench") -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-# ----------------------------------------------------------------------------------------------- rules: geometry
+# ------------------------------------------------------------------------------------------ rules: geometry
 
 
 def test_rule_frame_is_torchvision_resize_479_max_480():
@@ -104,12 +104,16 @@ def test_spatial_score_3d_substring_labels_loop_quirk_and_no_cutoff():
     cow = Detection("cattle, cow", 0.8, (0, 0, 50, 50))
     dog = Detection("dog", 0.6, (100, 100, 120, 120))
     # substring match: "cow" in "cattle, cow"; no overlap -> position 0; no 0.5 cut-off in 3-D
-    assert R.spatial_score_3d("cow", "dog", "behind", [cow, dog], depth) == pytest.approx(0.25 * 0.8 + 0.25 * 0.6)
+    assert R.spatial_score_3d("cow", "dog", "behind", [cow, dog], depth) == pytest.approx(
+        0.25 * 0.8 + 0.25 * 0.6
+    )
     assert R.spatial_score_3d("cow", "bird", "behind", [cow, dog], depth) == pytest.approx(0.2)
     assert R.spatial_score_3d("bird", "dog", "behind", [cow, dog], depth) == pytest.approx(0.15)
     # official loop: index of object 1 keeps moving until object 2 is found
     cow2 = Detection("cow", 0.4, (0, 0, 50, 50))
-    assert R.spatial_score_3d("cow", "dog", "behind", [cow, cow2, dog], depth) == pytest.approx(0.25 * 0.4 + 0.15)
+    assert R.spatial_score_3d("cow", "dog", "behind", [cow, cow2, dog], depth) == pytest.approx(
+        0.25 * 0.4 + 0.15
+    )
     depth2 = np.zeros((100, 100), dtype=np.float32)
     near = Detection("cat", 1.0, (0, 0, 40, 40))
     far = Detection("dog", 1.0, (0, 0, 40, 30))  # IoU 0.75
@@ -117,7 +121,7 @@ def test_spatial_score_3d_substring_labels_loop_quirk_and_no_cutoff():
     assert R.spatial_score_3d("cat", "dog", "in front of", [near, far], depth2) == pytest.approx(1.0)
 
 
-# ----------------------------------------------------------------------------------------------- rules: numeracy
+# ------------------------------------------------------------------------------------------ rules: numeracy
 
 
 def test_numeracy_targets_hand_checked():
@@ -160,7 +164,10 @@ def test_nms_per_label_keeps_the_best_box_per_object_and_sorts():
 
 def test_blip_question_rules():
     assert R.pre_question('A "Big" dog. (really)?') == "a big dog really?"
-    assert R.blip_questions(["a green bench", "the left", "top", "a blue bowl"]) == ["a green bench?", "a blue bowl?"]
+    assert R.blip_questions(["a green bench", "the left", "top", "a blue bowl"]) == [
+        "a green bench?",
+        "a blue bowl?",
+    ]
     assert len(R.blip_questions([f"thing {i}" for i in range(12)])) == 8  # --np_num 8
     # each answer rounded to 4 decimals, the product too: 0.9877 * 0.3 = 0.29631 -> 0.2963
     assert R.blip_score([0.98765, 0.3]) == 0.2963
@@ -188,7 +195,7 @@ def test_unidet_label_space_queries():
     assert len(R.UNIDET_LABELS) == 677 and R.UNIDET_LABELS[:3] == ("bottle", "cup", "dining table")
 
 
-# ----------------------------------------------------------------------------------------------- the val files
+# ------------------------------------------------------------------------------------------ the val files
 
 
 def test_questions_on_real_attribute_prompts_hand_checked():
@@ -200,12 +207,15 @@ def test_questions_on_real_attribute_prompts_hand_checked():
         "A black and white cat sits in a white sink.": ["a black and white cat?", "a white sink?"],
         "A bathroom with white tile and a beige toilet.": ["a bathroom?", "white tile?", "a beige toilet?"],
         "a cubic block and a cylindrical container of hand cream": [
-            "a cubic block?", "a cylindrical container?", "hand cream?",
+            "a cubic block?",
+            "a cylindrical container?",
+            "hand cream?",
         ],
         "a plastic container and a fluffy teddy bear": ["a plastic container?", "a fluffy teddy bear?"],
         "a red orange and a brown sheep": ["a red orange?", "a brown sheep?"],
         "a circular dining table and a triangular table runner": [
-            "a circular dining table?", "a triangular table runner?",
+            "a circular dining table?",
+            "a triangular table runner?",
         ],
     }
     pool = set(color) | set(shape) | set(texture) | set(val_prompts("color", "flowopd_t2i_compbench"))
@@ -219,8 +229,10 @@ def test_fallback_splits_every_simple_two_phrase_prompt(category):
     """On "<phrase> and <phrase>" prompts (no preposition) the fallback asks exactly the two phrases."""
     parser = R.PromptParser("fallback")
     simple = [
-        p for p in val_prompts(category)
-        if re.fullmatch(r"[a-z ]+ and [a-z ]+\.?", p) and not re.search(r" (of|with|on)( |$)|ing |and .* and", p)
+        p
+        for p in val_prompts(category)
+        if re.fullmatch(r"[a-z ]+ and [a-z ]+\.?", p)
+        and not re.search(r" (of|with|on)( |$)|ing |and .* and", p)
     ]
     assert len(simple) > 200
     wrong = []
@@ -228,7 +240,9 @@ def test_fallback_splits_every_simple_two_phrase_prompt(category):
         left, right = p.rstrip(".").split(" and ")
         if R.blip_questions(parser.noun_phrases(p)) != [f"{left}?", f"{right}?"]:
             wrong.append(p)
-    assert wrong == (["a small block and a cylindrical soda can"] if category == "shape" else [])  # "can": AUX
+    assert wrong == (
+        ["a small block and a cylindrical soda can"] if category == "shape" else []
+    )  # "can": AUX
 
 
 def test_color_val_versions_differ_in_five_lines():
@@ -241,9 +255,11 @@ def test_color_val_versions_differ_in_five_lines():
         assert val_prompts(category) == val_prompts(category, "flowopd_t2i_compbench"), category
 
 
-@pytest.mark.parametrize("category, vocabulary", [("spatial", R.SPATIAL_2D_WORDS), ("3d_spatial", R.SPATIAL_3D_WORDS)])
+@pytest.mark.parametrize(
+    "category, vocabulary", [("spatial", R.SPATIAL_2D_WORDS), ("3d_spatial", R.SPATIAL_3D_WORDS)]
+)
 def test_spatial_objects_on_every_val_prompt(category, vocabulary):
-    """Every val prompt is "a X <relation> a Y": the fallback must give X and Y (spaCy's first / last NOUN)."""
+    """Every val prompt is "a X <relation> a Y": the fallback gives X and Y (spaCy's first / last NOUN)."""
     parser = R.PromptParser("fallback")
     for prompt in val_prompts(category):
         words = re.findall(r"[a-z]+", prompt)
@@ -256,11 +272,26 @@ def test_spatial_objects_on_every_val_prompt(category, vocabulary):
 
 def test_numeracy_targets_on_every_val_prompt():
     """Every val prompt yields aligned (object, count) pairs, one per "<number> <object>" of the prompt."""
-    numbers = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+    numbers = {
+        "a": 1,
+        "an": 1,
+        "one": 1,
+        "two": 2,
+        "three": 3,
+        "four": 4,
+        "five": 5,
+        "six": 6,
+        "seven": 7,
+        "eight": 8,
+    }
     for prompt in val_prompts("numeracy"):
         objects, counts = R.numeracy_targets(R.fallback_tokens(prompt))
         words = re.findall(r"[a-z]+", prompt)
-        expected = [numbers[w] for w, nxt in zip(words, words[1:]) if w in numbers and (nxt in R.OBJECTS_PLURAL or nxt in R.OBJECTS_SINGULAR)]
+        expected = [
+            numbers[w]
+            for w, nxt in zip(words, words[1:])
+            if w in numbers and (nxt in R.OBJECTS_PLURAL or nxt in R.OBJECTS_SINGULAR)
+        ]
         assert objects and len(objects) == len(counts), prompt
         assert counts == expected, prompt
         assert all(o in R.OBJECTS_SINGULAR for o in objects), prompt
@@ -273,7 +304,9 @@ def test_complex_kinds_of_the_official_lists():
     assert (kinds.count("spatial"), kinds.count("action"), kinds.count("spatial_action")) == (58, 212, 30)
     tokens = R.fallback_tokens("The red hat was on top of the brown coat rack.")
     assert R.complex_spatial_objects(tokens) == ("hat", "coat")  # spaCy: first NOUN after "on top of"
-    assert R.first_locality("The red hat was on top of the brown coat rack.", R.SPATIAL_2D_WORDS) == "on top of"
+    assert (
+        R.first_locality("The red hat was on top of the brown coat rack.", R.SPATIAL_2D_WORDS) == "on top of"
+    )
 
 
 class _FakeToken:
@@ -349,8 +382,31 @@ def tiny(tmp_path_factory):
     from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
 
     d = tmp_path_factory.mktemp("tok")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "a", "an", "the", "red", "green", "blue",
-             "car", "dog", "cat", "bench", "?", ",", "and", "of", "[DEC]", "[ENC]"]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "yes",
+        "no",
+        "a",
+        "an",
+        "the",
+        "red",
+        "green",
+        "blue",
+        "car",
+        "dog",
+        "cat",
+        "bench",
+        "?",
+        ",",
+        "and",
+        "of",
+        "[DEC]",
+        "[ENC]",
+    ]
     (d / "vocab.txt").write_text("\n".join(words) + "\n")
     vocab = {}
     for c in "abcdefghijklmnopqrstuvwxyz":
@@ -360,40 +416,77 @@ def tiny(tmp_path_factory):
     vocab["<|endoftext|>"] = len(vocab)
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n")
-    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=37, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
-                eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
-                  patch_size=16)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=77,
+        bos_token_id=len(vocab) - 2,
+        eos_token_id=len(vocab) - 1,
+        pad_token_id=len(vocab) - 1,
+    )
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=16,
+    )
 
     def clip_tokenizer():
-        return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))  # positional: v5 ignores the keywords
+        return CLIPTokenizer(
+            str(d / "vocab.json"), str(d / "merges.txt")
+        )  # positional: v5 ignores the keywords
 
     def blip():
         torch.manual_seed(0)
         cfg = BlipConfig(
-            text_config=dict(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             intermediate_size=37, encoder_hidden_size=32, bos_token_id=words.index("[DEC]"),
-                             pad_token_id=0, sep_token_id=3, max_position_embeddings=64),
+            text_config=dict(
+                vocab_size=len(words),
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=37,
+                encoder_hidden_size=32,
+                bos_token_id=words.index("[DEC]"),
+                pad_token_id=0,
+                sep_token_id=3,
+                max_position_embeddings=64,
+            ),
             vision_config=vision,
         )
         return BlipForQuestionAnswering(cfg).eval(), BertTokenizer(str(d / "vocab.txt"))
 
     def clip():
         torch.manual_seed(1)
-        return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval(), clip_tokenizer()
+        return CLIPModel(
+            CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        ).eval(), clip_tokenizer()
 
     def owl():
         torch.manual_seed(2)
-        cfg = Owlv2Config(text_config={**text, "max_position_embeddings": 16}, vision_config=vision, projection_dim=32)
+        cfg = Owlv2Config(
+            text_config={**text, "max_position_embeddings": 16}, vision_config=vision, projection_dim=32
+        )
         processor = Owlv2Processor(Owlv2ImageProcessorPil(size={"height": 32, "width": 32}), clip_tokenizer())
         return Owlv2ForObjectDetection(cfg).eval(), processor
 
     def dpt():
         torch.manual_seed(3)
-        cfg = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-                        image_size=32, patch_size=32, backbone_out_indices=[0, 1, 2, 3],
-                        neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16)
+        cfg = DPTConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=37,
+            image_size=32,
+            patch_size=32,
+            backbone_out_indices=[0, 1, 2, 3],
+            neck_hidden_sizes=[8, 8, 16, 16],
+            fusion_hidden_size=16,
+        )
         return DPTForDepthEstimation(cfg).eval()
 
     cache = {}
@@ -403,12 +496,19 @@ def tiny(tmp_path_factory):
             if key not in cache:
                 cache[key] = make()
             return cache[key]
+
         return factory
 
     return {
-        "blip_factory": once("blip", blip), "clip_factory": once("clip", clip),
-        "detector_factory": once("owl", owl), "depth_factory": once("dpt", dpt),
-        "device": "cpu", "detection_threshold": 0.0, "blip_image_size": 64, "depth_input_size": 64, "nlp": "fallback",
+        "blip_factory": once("blip", blip),
+        "clip_factory": once("clip", clip),
+        "detector_factory": once("owl", owl),
+        "depth_factory": once("dpt", dpt),
+        "device": "cpu",
+        "detection_threshold": 0.0,
+        "blip_image_size": 64,
+        "depth_input_size": 64,
+        "nlp": "fallback",
     }
 
 
@@ -444,10 +544,14 @@ def test_every_category_end_to_end(tiny, category):
     assert np.isfinite(batch.scores).all()
     if category != "non_spatial":  # cosine may be negative
         assert ((batch.scores >= 0) & (batch.scores <= 1)).all()
-    assert scorer.version.startswith(f"t2i-compbench@1b70949/{category}/") and "nlp=fallback" in scorer.version
+    assert (
+        scorer.version.startswith(f"t2i-compbench@1b70949/{category}/") and "nlp=fallback" in scorer.version
+    )
     assert np.array_equal(scorer.score(images, prompts, meta).scores, batch.scores)  # deterministic
     one_by_one = CompBenchScorer(category, batch_size=1, **tiny)
-    singles = ScoreBatch.concat([one_by_one.score(images[i : i + 1], prompts[i : i + 1], meta[i : i + 1]) for i in range(3)])
+    singles = ScoreBatch.concat(
+        [one_by_one.score(images[i : i + 1], prompts[i : i + 1], meta[i : i + 1]) for i in range(3)]
+    )
     # BLIP pads questions per batch; its 4-decimal rounding can move a value by one unit
     np.testing.assert_allclose(singles.scores, batch.scores, atol=2e-4, rtol=0)
     assert singles.details == batch.details or category == "complex"
@@ -520,14 +624,18 @@ def test_spatial_and_numeracy_wiring_with_a_stub_detector(tiny):
     stub = _StubDetector([dog, cat])
     scorer = CompBenchScorer("spatial", detector=stub, nlp="fallback")
     images = torch.rand(2, 3, 512, 512)
-    scores = scorer.score(images, ["a dog on the left of a cat", "a dog on the right of a cat"], [{}, {}]).scores
+    scores = scorer.score(
+        images, ["a dog on the left of a cat", "a dog on the right of a cat"], [{}, {}]
+    ).scores
     assert scores.tolist() == pytest.approx([0.925, 0.0])
     assert stub.sizes == [(479, 479), (479, 479)]  # the official detection frame
     assert ("dog", "dog") in stub.queries[0] and ("hot dog", "hot dog") in stub.queries[0]
     mouse = CompBenchScorer("spatial", detector=_StubDetector([]), nlp="fallback", label_space="prompt")
     mouse.score(images[:1], ["a mouse near a bag"], [{}])
     assert mouse._detector.queries == [[("mouse", "mouse"), ("bag", "bag")]]
-    counter = CompBenchScorer("numeracy", detector=_StubDetector([dog, Detection("dog", 0.5, (200, 200, 300, 300))]))
+    counter = CompBenchScorer(
+        "numeracy", detector=_StubDetector([dog, Detection("dog", 0.5, (200, 200, 300, 300))])
+    )
     batch = counter.score(images, ["two dogs", "three dogs and one cat"], [{}, {}])
     assert batch.scores.tolist() == pytest.approx([1.0, 0.25])
     assert batch.details["targets"] == ["dog:2", "dog:3|cat:1"]
@@ -546,6 +654,43 @@ def test_depth_map_is_the_official_png(tiny):
     assert maps[0].shape == (479, 479)
 
 
+def test_dpt_hybrid_runs_at_the_official_input_size_not_its_own():
+    """Intel/dpt-hybrid-midas was converted at 384 px and refuses 480 px unless told; MiDaS ran it at 480."""
+    from transformers import BitConfig, DPTConfig, DPTForDepthEstimation
+
+    backbone = BitConfig(
+        global_padding="same",
+        layer_type="bottleneck",
+        depths=[1, 1, 1],
+        hidden_sizes=[16, 32, 64],
+        out_features=["stage1", "stage2", "stage3"],
+        embedding_dynamic_padding=True,
+        num_groups=2,
+    )
+    cfg = DPTConfig(
+        is_hybrid=True,
+        backbone_config=backbone,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=64,
+        patch_size=16,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[16, 32, 16, 16],
+        fusion_hidden_size=16,
+        backbone_featmap_shape=[1, 64, 4, 4],
+        readout_type="project",
+    )
+    torch.manual_seed(4)
+    model = DPTForDepthEstimation(cfg).eval()
+    with pytest.raises(ValueError, match="doesn't match"):
+        model(pixel_values=torch.zeros(1, 3, 96, 96))
+    gradient = Image.fromarray(np.tile(np.arange(100, dtype=np.uint8), (80, 1))).convert("RGB")
+    (depth,) = DepthEstimator(model, torch.device("cpu"), input_size=96).depth_maps([gradient], [(70, 90)])
+    assert depth.shape == (70, 90) and depth.min() == 0.0 and 0.9 < depth.max() <= 1.0
+
+
 @pytest.mark.parametrize(
     "category, method, model_id, option",
     [
@@ -555,7 +700,9 @@ def test_depth_map_is_the_official_png(tiny):
         ("non_spatial", "clip", "openai/clip-vit-base-patch32", "clip_model"),
     ],
 )
-def test_offline_loading_names_the_model_and_the_option(monkeypatch, tmp_path, category, method, model_id, option):
+def test_offline_loading_names_the_model_and_the_option(
+    monkeypatch, tmp_path, category, method, model_id, option
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     scorer = CompBenchScorer(category, nlp="fallback", device="cpu")

@@ -3,9 +3,10 @@
 Official pipeline: Karine-Huang/T2I-CompBench at commit 1b70949, run on the saved PNGs; the rules are restated
 in ``flowopd.scorers.compbench_rules`` and this module turns images into their inputs:
 
-- color / shape / texture: BLIP-VQA (``Salesforce/blip-vqa-base``, the official ``model_base_vqa_capfilt_large``
-  weights converted by transformers) at the official 480 px, the question token 0 set to ``[ENC]`` and the
-  answer decoder started from ``[DEC]`` as ``BLIP_vqa.py`` does; P(yes) / (P(yes) + P(no)) of the first token;
+- color / shape / texture: BLIP-VQA (``Salesforce/blip-vqa-base``, the official
+  ``model_base_vqa_capfilt_large`` weights converted by transformers) at the official 480 px, question token 0
+  set to ``[ENC]`` and the answer decoder started from ``[DEC]`` as ``BLIP_vqa.py`` does; the score of a
+  question is P(yes) / (P(yes) + P(no)) of the first answer token;
 - spatial / numeracy: UniDet is not packaged, so an open-vocabulary detector (OWLv2,
   ``google/owlv2-base-patch16-ensemble``) is queried with the UniDet label names the rules could match, so
   that the official label-matching quirks survive; boxes live in the 479 px frame the official rules use;
@@ -62,7 +63,9 @@ DETECTOR_QUERY_TEMPLATE = "a photo of a {}"
 DEFAULT_DETECTION_THRESHOLD = 0.3  # UniDet used 0.5 on its own (differently calibrated) scores
 
 # The 3-in-1 kind of each complex prompt comes from these two official files (pinned like the prompt files).
-_COMPLEX_LIST_URL = f"https://raw.githubusercontent.com/Karine-Huang/T2I-CompBench/{OFFICIAL_COMMIT}/examples/dataset/"
+_COMPLEX_LIST_URL = (
+    f"https://raw.githubusercontent.com/Karine-Huang/T2I-CompBench/{OFFICIAL_COMMIT}/examples/dataset/"
+)
 COMPLEX_KIND_FILES = {
     "spatial": PromptSetSpec(
         format="lines",
@@ -89,7 +92,9 @@ class Detector(Protocol):
     sorted by decreasing score.
     """
 
-    def detect(self, images: Sequence[Image.Image], queries: Sequence[Queries]) -> list[list[rules.Detection]]: ...
+    def detect(
+        self, images: Sequence[Image.Image], queries: Sequence[Queries]
+    ) -> list[list[rules.Detection]]: ...
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -99,7 +104,12 @@ class BlipVQA:
     """``BLIP_VQA.vqa_prob`` on a transformers ``BlipForQuestionAnswering``."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, device: torch.device, image_size: int = BLIP_IMAGE_SIZE, batch_size: int = 16
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        image_size: int = BLIP_IMAGE_SIZE,
+        batch_size: int = 16,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
@@ -115,7 +125,7 @@ class BlipVQA:
         self.no_id = tokenizer.convert_tokens_to_ids("no")  # 2053
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Resize((480, 480), BICUBIC) on the PIL image, ToTensor, CLIP normalisation (``data/__init__.py``)."""
+        """Resize((480, 480), BICUBIC) on the PIL image, ToTensor, CLIP mean / std (BLIP's test transform)."""
         size = (self.image_size, self.image_size)
         arr = np.stack([np.asarray(im.resize(size, Image.Resampling.BICUBIC)) for im in images])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0)
@@ -124,7 +134,9 @@ class BlipVQA:
         return ((x - mean) / std).to(self.device)
 
     @torch.no_grad()
-    def yes_probabilities(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]) -> list[list[float]]:
+    def yes_probabilities(
+        self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
         """P(yes) / (P(yes) + P(no)) of the answer's first token, for every question of every image."""
         out: list[list[float]] = [[] for _ in images]
         for chunk in batches(len(images), self.batch_size):
@@ -153,7 +165,9 @@ class BlipVQA:
             )[0]
             start = torch.full((len(rows), 1), self.bos_id, dtype=torch.long, device=self.device)
             logits = self.model.text_decoder(
-                input_ids=start, encoder_hidden_states=question_states, encoder_attention_mask=tok.attention_mask
+                input_ids=start,
+                encoder_hidden_states=question_states,
+                encoder_attention_mask=tok.attention_mask,
             ).logits[:, 0, :]
             prob = torch.softmax(logits.float(), dim=-1)
             p_yes = (prob[:, self.yes_id] / (prob[:, self.yes_id] + prob[:, self.no_id])).tolist()
@@ -181,7 +195,9 @@ class OwlDetector:
         self.max_text_length = model.config.text_config.max_position_embeddings  # 16 for OWLv2
 
     @torch.no_grad()
-    def detect(self, images: Sequence[Image.Image], queries: Sequence[Queries]) -> list[list[rules.Detection]]:
+    def detect(
+        self, images: Sequence[Image.Image], queries: Sequence[Queries]
+    ) -> list[list[rules.Detection]]:
         results: list[list[rules.Detection]] = [[] for _ in images]
         groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
         for i, q in enumerate(queries):
@@ -206,7 +222,12 @@ class OwlDetector:
         return results
 
     def _boxes(
-        self, image: Image.Image, group: Queries, scores: torch.Tensor, best: torch.Tensor, boxes: torch.Tensor
+        self,
+        image: Image.Image,
+        group: Queries,
+        scores: torch.Tensor,
+        best: torch.Tensor,
+        boxes: torch.Tensor,
     ) -> list[rules.Detection]:
         width, height = image.size
         side = max(width, height)  # OWLv2 pads to a square at the bottom / right: boxes are relative to it
@@ -234,9 +255,16 @@ class DepthEstimator:
         self.device = device
         self.input_size = input_size
         self.batch_size = batch_size
+        embeddings = getattr(getattr(model, "dpt", None), "embeddings", None)
+        if hasattr(embeddings, "image_size"):
+            # DPT-Hybrid (converted at 384 px) refuses other sizes although it resizes its position embeddings
+            # bilinearly, as MiDaS does for the official 480 px input: declare the size we feed it
+            embeddings.image_size = (input_size, input_size)
 
     @torch.no_grad()
-    def depth_maps(self, images: Sequence[Image.Image], frames: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    def depth_maps(
+        self, images: Sequence[Image.Image], frames: Sequence[tuple[int, int]]
+    ) -> list[np.ndarray]:
         """Per image a float (h, w) map in [0, 1] on the rule frame (``frames``: (h, w)); larger = nearer."""
         out: list[np.ndarray] = []
         size = (self.input_size, self.input_size)
@@ -253,11 +281,12 @@ class DepthEstimator:
         lo, hi = depth.min(), depth.max()
         depth = (depth - lo) / (hi - lo) if hi > lo else torch.zeros_like(depth)
         width, height = image_size
-        depth = F.interpolate(depth[None, None], size=(height, width), mode="bilinear", align_corners=True)[0, 0]
+        depth = F.interpolate(depth[None, None], size=(height, width), mode="bilinear", align_corners=True)
+        depth = depth[0, 0]
         # Image.fromarray(255 * depth).convert('L') truncates to uint8; the 3-D dataset then applies the
         # detection transform (Resize(479, max_size=480), bilinear) and divides by 255
         u8 = np.clip(255.0 * depth.cpu().numpy(), 0, 255).astype(np.uint8)
-        resized = Image.fromarray(u8, mode="L").resize((frame[1], frame[0]), Image.Resampling.BILINEAR)
+        resized = Image.fromarray(u8).resize((frame[1], frame[0]), Image.Resampling.BILINEAR)
         return np.asarray(resized, dtype=np.float32) / 255.0
 
 
@@ -349,7 +378,12 @@ class CompBenchScorer:
         self.device = resolve_device(device)
         self.parser = rules.PromptParser(nlp, spacy_model)
         self._ids = {"blip": blip_model, "detector": detector_model, "depth": depth_model, "clip": clip_model}
-        self._factories = {"blip": blip_factory, "detector": detector_factory, "depth": depth_factory, "clip": clip_factory}
+        self._factories = {
+            "blip": blip_factory,
+            "detector": detector_factory,
+            "depth": depth_factory,
+            "clip": clip_factory,
+        }
         self._detector = detector
         self._blip: BlipVQA | None = None
         self._depth: DepthEstimator | None = None
@@ -357,12 +391,18 @@ class CompBenchScorer:
         self._complex_lists: dict[str, list[str]] | None = None
         detector_name = type(detector).__name__ if detector is not None else f"owlv2>{detection_threshold:g}"
         parts = {
-            "color": "blip", "shape": "blip", "texture": "blip", "non_spatial": "clip",
-            "spatial": detector_name, "numeracy": detector_name, "3d_spatial": f"{detector_name}+dpt",
+            "color": "blip",
+            "shape": "blip",
+            "texture": "blip",
+            "non_spatial": "clip",
+            "spatial": detector_name,
+            "numeracy": detector_name,
+            "3d_spatial": f"{detector_name}+dpt",
             "complex": f"blip+{detector_name}+clip",
         }
         self.version = (
-            f"t2i-compbench@{OFFICIAL_COMMIT[:7]}/{category}/{parts[category]}/labels={label_space}/nlp={self.parser.name}"
+            f"t2i-compbench@{OFFICIAL_COMMIT[:7]}/{category}/{parts[category]}"
+            f"/labels={label_space}/nlp={self.parser.name}"
         )
 
     # ------------------------------------------------------------------------------------------- components
@@ -373,13 +413,18 @@ class CompBenchScorer:
 
     def blip(self) -> BlipVQA:
         if self._blip is None:
+
             def load(model_id: str) -> tuple[Any, Any]:
                 from transformers import AutoTokenizer, BlipForQuestionAnswering
 
                 what, param = "T2I-CompBench BLIP-VQA model", "blip_model"
                 return (
-                    from_pretrained(BlipForQuestionAnswering.from_pretrained, model_id, what=what, param=param),
-                    from_pretrained(AutoTokenizer.from_pretrained, model_id, what=what + " tokenizer", param=param),
+                    from_pretrained(
+                        BlipForQuestionAnswering.from_pretrained, model_id, what=what, param=param
+                    ),
+                    from_pretrained(
+                        AutoTokenizer.from_pretrained, model_id, what=what + " tokenizer", param=param
+                    ),
                 )
 
             model, tokenizer = self._load("blip", load)
@@ -388,40 +433,56 @@ class CompBenchScorer:
 
     def detector(self) -> Detector:
         if self._detector is None:
+
             def load(model_id: str) -> tuple[Any, Any]:
                 from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
                 what, param = "T2I-CompBench detector (UniDet substitute)", "detector_model"
                 return (
-                    from_pretrained(Owlv2ForObjectDetection.from_pretrained, model_id, what=what, param=param),
-                    from_pretrained(Owlv2Processor.from_pretrained, model_id, what=what + " processor", param=param),
+                    from_pretrained(
+                        Owlv2ForObjectDetection.from_pretrained, model_id, what=what, param=param
+                    ),
+                    from_pretrained(
+                        Owlv2Processor.from_pretrained, model_id, what=what + " processor", param=param
+                    ),
                 )
 
             model, processor = self._load("detector", load)
-            self._detector = OwlDetector(model, processor, self.device, self.detection_threshold, self.batch_size)
+            self._detector = OwlDetector(
+                model, processor, self.device, self.detection_threshold, self.batch_size
+            )
         return self._detector
 
     def depth(self) -> DepthEstimator:
         if self._depth is None:
+
             def load(model_id: str) -> Any:
                 from transformers import DPTForDepthEstimation
 
                 return from_pretrained(
-                    DPTForDepthEstimation.from_pretrained, model_id, what="T2I-CompBench depth model", param="depth_model"
+                    DPTForDepthEstimation.from_pretrained,
+                    model_id,
+                    what="T2I-CompBench depth model",
+                    param="depth_model",
                 )
 
-            self._depth = DepthEstimator(self._load("depth", load), self.device, self.depth_input_size, self.batch_size)
+            self._depth = DepthEstimator(
+                self._load("depth", load), self.device, self.depth_input_size, self.batch_size
+            )
         return self._depth
 
     def clip(self) -> ClipSimilarity:
         if self._clip is None:
+
             def load(model_id: str) -> tuple[Any, Any]:
                 from transformers import AutoTokenizer, CLIPModel
 
                 what, param = "T2I-CompBench CLIP model", "clip_model"
                 return (
                     from_pretrained(CLIPModel.from_pretrained, model_id, what=what, param=param),
-                    from_pretrained(AutoTokenizer.from_pretrained, model_id, what=what + " tokenizer", param=param),
+                    from_pretrained(
+                        AutoTokenizer.from_pretrained, model_id, what=what + " tokenizer", param=param
+                    ),
                 )
 
             model, tokenizer = self._load("clip", load)
@@ -430,20 +491,27 @@ class CompBenchScorer:
 
     # ------------------------------------------------------------------------------------------- scoring
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreBatch:
-        """Per-image scores on the category's native 0-1 scale, with a ``category`` detail (and the evidence)."""
+    def score(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+    ) -> ScoreBatch:
+        """Per-image scores on the category's native 0-1 scale, a ``category`` detail and the evidence."""
         check_images(images)
         prompts = check_prompts(images, prompts)
         metadata = list(metadata) if metadata is not None else [{}] * len(prompts)
         if len(metadata) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(metadata)} metadata rows; pass one per image")
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(metadata)} metadata rows; pass one per image"
+            )
         if len(prompts) == 0:
             return ScoreBatch(np.zeros(0), {"category": []})
-        pil = [Image.fromarray(a) for a in to_uint8_hwc(images)]  # as the official scripts read the saved PNGs
+        # uint8 RGB PIL images: what the official scripts read from the saved PNGs
+        pil = [Image.fromarray(a) for a in to_uint8_hwc(images)]
         if self.category in ATTRIBUTE_CATEGORIES:
             scores, details = self._attribute(pil, prompts)
         elif self.category == "spatial":
-            scores, details = self._spatial(pil, [self._simple_objects(p, rules.SPATIAL_2D_WORDS) for p in prompts])
+            scores, details = self._spatial(
+                pil, [self._simple_objects(p, rules.SPATIAL_2D_WORDS) for p in prompts]
+            )
         elif self.category == "3d_spatial":
             scores, details = self._spatial(
                 pil, [self._simple_objects(p, rules.SPATIAL_3D_WORDS) for p in prompts], three_d=True
@@ -454,9 +522,13 @@ class CompBenchScorer:
             scores, details = self.clip().cosine(images, prompts), {}
         else:
             scores, details = self._complex(images, pil, prompts, metadata)
-        return ScoreBatch(np.asarray(scores, dtype=np.float64), {"category": [self.category] * len(prompts), **details})
+        return ScoreBatch(
+            np.asarray(scores, dtype=np.float64), {"category": [self.category] * len(prompts), **details}
+        )
 
-    def _attribute(self, pil: list[Image.Image], prompts: Sequence[str]) -> tuple[list[float], dict[str, list]]:
+    def _attribute(
+        self, pil: list[Image.Image], prompts: Sequence[str]
+    ) -> tuple[list[float], dict[str, list]]:
         questions = [rules.blip_questions(self.parser.noun_phrases(p)) for p in prompts]
         probabilities = self.blip().yes_probabilities(pil, questions)
         return [rules.blip_score(p) for p in probabilities], {"questions": [" | ".join(q) for q in questions]}
@@ -481,7 +553,9 @@ class CompBenchScorer:
         out = []
         for im in pil:
             h, w = rules.rule_frame_size(im.height, im.width)
-            out.append(im if (h, w) == (im.height, im.width) else im.resize((w, h), Image.Resampling.BILINEAR))
+            out.append(
+                im if (h, w) == (im.height, im.width) else im.resize((w, h), Image.Resampling.BILINEAR)
+            )
         return out
 
     def _spatial(
@@ -497,7 +571,9 @@ class CompBenchScorer:
                 for o, d, depth in zip(objects, detections, depths)
             ]
         else:
-            scores = [rules.spatial_score_2d(o.obj1, o.obj2, o.locality, d) for o, d in zip(objects, detections)]
+            scores = [
+                rules.spatial_score_2d(o.obj1, o.obj2, o.locality, d) for o, d in zip(objects, detections)
+            ]
         details = {
             "objects": [f"{o.obj1}|{o.obj2}" for o in objects],
             "locality": [o.locality for o in objects],
@@ -505,13 +581,16 @@ class CompBenchScorer:
         }
         return scores, details
 
-    def _numeracy(self, pil: list[Image.Image], prompts: Sequence[str]) -> tuple[list[float], dict[str, list]]:
+    def _numeracy(
+        self, pil: list[Image.Image], prompts: Sequence[str]
+    ) -> tuple[list[float], dict[str, list]]:
         targets = [rules.numeracy_targets(self.parser.tokens(p)) for p in prompts]
         words = [[rules.numeracy_detector_name(o) for o in objs] for objs, _ in targets]
         detections = self.detector().detect(self._frames(pil), [self._queries(w) for w in words])
         scores = [rules.numeracy_score(objs, counts, d) for (objs, counts), d in zip(targets, detections)]
         targets_detail = [
-            "|".join(f"{o}:{counts[i] if i < len(counts) else '?'}" for i, o in enumerate(objs)) for objs, counts in targets
+            "|".join(f"{o}:{counts[i] if i < len(counts) else '?'}" for i, o in enumerate(objs))
+            for objs, counts in targets
         ]
         return scores, {"targets": targets_detail, "detections": [len(d) for d in detections]}
 
@@ -528,7 +607,11 @@ class CompBenchScorer:
         return rules.complex_kind(prompt, self._complex_lists["spatial"], self._complex_lists["action"])
 
     def _complex(
-        self, images: torch.Tensor, pil: list[Image.Image], prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+        self,
+        images: torch.Tensor,
+        pil: list[Image.Image],
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any]],
     ) -> tuple[list[float], dict[str, list]]:
         kinds = [self._complex_kind(p, m) for p, m in zip(prompts, metadata)]
         attribute, _ = self._attribute(pil, prompts)
@@ -553,4 +636,3 @@ class CompBenchScorer:
         scores = [rules.three_in_one(k, a, s, c) for k, a, s, c in zip(kinds, attribute, spatial, action)]
         details = {"complex_kind": kinds, "attribute": attribute, "spatial": spatial, "action": action}
         return scores, details
-

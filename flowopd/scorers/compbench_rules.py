@@ -30,7 +30,7 @@ Box = tuple[float, float, float, float]  # (x_min, y_min, x_max, y_max) in pixel
 
 # ----------------------------------------------------------------------------------------------- vocabularies
 
-# examples/dataset/new_objects.txt ("singular - plural", lower-cased; duplicates kept: ``index`` finds the first)
+# examples/dataset/new_objects.txt ("singular - plural", duplicates kept: ``index`` takes the first)
 _NEW_OBJECTS = (
     "bottle:bottles|cup:cups|cake:cakes|bird:birds|knife:knives|microwave:microwaves|desk:desks|"
     "book:books|helmet:helmets|pillow:pillows|bowl:bowls|flag:flags|stool:stools|toy:toys|pen:pens|"
@@ -52,8 +52,8 @@ _NEW_OBJECTS = (
 OBJECTS_SINGULAR: tuple[str, ...] = tuple(p.split(":")[0] for p in _NEW_OBJECTS.split("|"))
 OBJECTS_PLURAL: tuple[str, ...] = tuple(p.split(":")[1] for p in _NEW_OBJECTS.split("|"))
 
-# The UniDet "learned_mAP+M" label space (UniDet_eval/dataset/detection_features.pt['labels'], first occurrence
-# order, duplicates removed): the official rules compare prompt nouns with these strings.
+# The UniDet "learned_mAP+M" label space (UniDet_eval/dataset/detection_features.pt['labels'], in
+# first-occurrence order, duplicates removed): the official rules compare prompt nouns with these strings.
 _UNIDET_LABELS = (
     "bottle|cup|dining table|cake|wild bird|knife|remote|microwave|frisbee|toothbrush|"
     "footwear, sneakers|picture, frame|table, desk|street light|book|helmet|pillow|box, storage box|"
@@ -137,11 +137,25 @@ BLIP_SKIPPED_CHUNKS = ("top", "the side", "the left", "the right")  # BLIP_vqa.p
 BLIP_MAX_QUESTIONS = 8  # BLIP_vqa.py --np_num default
 PERSON_WORDS = ("girl", "boy", "man", "woman")  # -> "person" in every UniDet rule
 SPATIAL_2D_WORDS = (  # 2D_spatial_eval.py vocab_spatial, first match in this order ("on top of" scores 0)
-    "on side of", "next to", "near", "on the left of", "on the right of", "on the bottom of", "on the top of",
+    "on side of",
+    "next to",
+    "near",
+    "on the left of",
+    "on the right of",
+    "on the bottom of",
+    "on the top of",
     "on top of",
 )
 SPATIAL_3D_WORDS = ("in front of", "behind", "hidden")  # 3D_spatial_eval.py vocab_spatial_3d
-COMPLEX_PREPOSITIONS = ("on top of", "on bottom of", "on the left", "on the right", "next to", "on side of", "near")
+COMPLEX_PREPOSITIONS = (
+    "on top of",
+    "on bottom of",
+    "on the left",
+    "on the right",
+    "next to",
+    "on side of",
+    "near",
+)
 NUMBER_WORDS = ("a", "an", "one", "two", "three", "four", "five", "six", "seven", "eight")
 _WORD_TO_NUM = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
 _NUMERACY_ALIASES = {"ship": "boat", "telivision": "tv", "goldfish": "fish", "painting": "picture"}
@@ -151,7 +165,7 @@ _NUMERACY_ALIASES = {"ship": "boat", "telivision": "tv", "goldfish": "fish", "pa
 
 @dataclass(frozen=True)
 class Token:
-    """One token as the rules read it from a spaCy Doc: text, trailing whitespace, coarse POS (None: unknown)."""
+    """One token from a spaCy Doc: text, trailing whitespace, coarse POS (None = unknown)."""
 
     text: str
     whitespace: str = ""
@@ -168,42 +182,56 @@ def span_text(tokens: Sequence[Token]) -> str:
 _TOKEN_RE = re.compile(r"\d+(?::\d+)+|\w+(?=n't)|n't|'\w+|\w+(?:-\w+)*|[^\w\s]")
 
 # Word lists of the fallback tagger (the parts of speech spaCy gives these words in the val prompts)
-_DETERMINERS = set("a an the this that these those its their his her my our your some each every another".split())
+_DETERMINERS = set(
+    "a an the this that these those its their his her my our your some each every another".split()
+)
 _ADPOSITIONS = set(
     "on in of at by with near under above below behind beside between into onto over from to for through "
     "across against along among around inside outside upon within without toward towards past like".split()
 )
-_AUXILIARIES = set("is are was were be been being am has have had do does did can could will would should may".split())
+_AUXILIARIES = set(
+    "is are was were be been being am has have had do does did can could will would should may".split()
+)
 _OTHER = set(
     "and or but as while than then it they he she we you i there here which who whom whose them its "
     "next together very down up away off out just also carefully slowly gently quietly".split()
 )
-_COLOURS = set("black white red green blue yellow brown gray grey pink purple orange gold silver beige tan".split())
+_COLOURS = set(
+    "black white red green blue yellow brown gray grey pink purple orange gold silver beige tan".split()
+)
 _ADJECTIVES = _COLOURS | set(
     # shapes and sizes
     "golden round circular square rectangular triangular oval oblong spherical cubic conical cylindrical "
-    "pyramidal pentagonal teardrop big small large tiny tall short long narrow wide thick thin huge giant little "
+    "pyramidal pentagonal teardrop big small large tiny tall short long narrow wide thick thin huge giant "
+    "little "
     # textures and materials used as adjectives
     "fluffy wooden metallic soft hard rough smooth shiny glossy furry fuzzy silky sleek sticky crisp crunchy "
     "jagged prickly bumpy polished rusty "
     # frequent adjectives of the complex and non-spatial prompts
-    "old new modern ancient vintage bright dark dim colorful vibrant warm cool cold hot fresh sweet sour juicy "
+    "old new modern ancient vintage bright dark dim colorful vibrant warm cool cold hot fresh sweet sour "
+    "juicy "
     "delicious beautiful elegant cozy calm quiet busy empty full heavy light wet dry clean sharp dull deep "
     "gentle delicate fragrant lush majestic serene sturdy thorny twisted ripe rich graceful intricate ornate "
     "plush playful peaceful wild tasty savory sparkling shimmering".split()
 )
 _IRREGULAR_VERBS = set(
-    "sat lay hung fell shone sped wrote stood ran flew grew sang swam drove held kept led lit spun struck stuck took "
+    "sat lay hung fell shone sped wrote stood ran flew grew sang swam drove held kept led lit spun struck "
+    "stuck took "
     "told woke blew drew ate went came gave found sits lies hangs shines reads holds".split()
 )
-_NOUNS_LIKE_VERBS = set(
-    "painting building ceiling string wedding thing morning evening clothing stocking pudding icing frosting "
-    "railing earring dumpling duckling sibling bed shed sled seed".split()
-) | set(OBJECTS_SINGULAR) | set(OBJECTS_PLURAL)
+_NOUNS_LIKE_VERBS = (
+    set(
+        "painting building ceiling string wedding thing morning evening clothing stocking pudding icing "
+        "frosting "
+        "railing earring dumpling duckling sibling bed shed sled seed".split()
+    )
+    | set(OBJECTS_SINGULAR)
+    | set(OBJECTS_PLURAL)
+)
 
 
 def fallback_tokens(text: str) -> list[Token]:
-    """Tokens without a spaCy model: words (hyphenated kept), clitics ("'s", "n't"), times ("11:44"), punctuation.
+    """Tokens without spaCy: words (hyphenated kept), clitics ("'s", "n't"), times ("11:44"), punctuation.
 
     Equal to spaCy's English tokenizer on every numeracy, spatial and 3-D val prompt. The coarse POS comes
     from word lists (DET, ADP, AUX, ADJ, irregular verbs), ``-ing`` / ``-ed`` endings (VERB) and NOUN
@@ -213,7 +241,12 @@ def fallback_tokens(text: str) -> list[Token]:
     pos = [_fallback_pos(m.group()) for m in matches]
     for i, m in enumerate(matches):
         # an -ing / -ed word right after a determiner or adjective is a modifier or a noun ("a short sapling")
-        if pos[i] == "VERB" and m.group().lower() not in _IRREGULAR_VERBS and i and pos[i - 1] in ("DET", "ADJ"):
+        if (
+            pos[i] == "VERB"
+            and m.group().lower() not in _IRREGULAR_VERBS
+            and i
+            and pos[i - 1] in ("DET", "ADJ")
+        ):
             pos[i] = "ADJ" if i + 1 < len(pos) and pos[i + 1] in ("NOUN", "ADJ") else "NOUN"
     return [
         Token(m.group(), " " if m.end() < len(text) and text[m.end()].isspace() else "", p)
@@ -247,7 +280,7 @@ def pre_question(question: str, max_words: int = 50) -> str:
 
 
 def fallback_noun_phrases(prompt: str) -> list[str]:
-    """Noun phrases without a parser: maximal DET / ADJ / NOUN runs of :func:`fallback_tokens`, cut at the head.
+    """Noun phrases without a parser: maximal DET / ADJ / NOUN runs of the fallback tokens, cut at the head.
 
     A new determiner starts a new phrase; "and" or "," joins two adjectives ("a black and white cat") and
     otherwise splits; an ``-ing`` / ``-ed`` word between a phrase and a noun is a modifier ("a circular dining
@@ -288,8 +321,11 @@ def fallback_noun_phrases(prompt: str) -> list[str]:
 
 
 def fallback_spatial_objects(prompt: str, vocabulary: Sequence[str]) -> tuple[str | None, str | None]:
-    """(object 1, object 2) of a "<a X> <relation> <a Y>" prompt without a tagger: the last word before the
-    relation and the last word of the prompt (spaCy's first / last NOUN on every spatial and 3-D val prompt)."""
+    """(object 1, object 2) of a "<a X> <relation> <a Y>" prompt without a tagger.
+
+    The last word before the relation and the last word of the prompt: spaCy's first / last NOUN on every
+    spatial and 3-D val prompt.
+    """
     locality = first_locality(prompt, vocabulary)
     if locality is None:
         return (None, None)
@@ -299,7 +335,7 @@ def fallback_spatial_objects(prompt: str, vocabulary: Sequence[str]) -> tuple[st
 
 
 def blip_questions(noun_phrases: Sequence[str], max_questions: int = BLIP_MAX_QUESTIONS) -> list[str]:
-    """The BLIP-VQA questions of a prompt: ``pre_question(phrase + "?")`` for its first ``max_questions`` phrases.
+    """The BLIP-VQA questions of a prompt: ``pre_question(phrase + "?")`` for its first ``max_questions``.
 
     ``noun_phrases`` are spaCy noun chunks (or :func:`fallback_noun_phrases`); the skipped chunks are removed
     here as in ``BLIP_vqa.py``.
@@ -309,7 +345,7 @@ def blip_questions(noun_phrases: Sequence[str], max_questions: int = BLIP_MAX_QU
 
 
 def blip_score(yes_probabilities: Sequence[float]) -> float:
-    """Product of the per-question P(yes), each rounded to 4 decimals as the official JSON stores them; 1 if none.
+    """Product of the per-question P(yes), each rounded to 4 decimals as the official JSON has it; 1 if none.
 
     The product is rounded to 4 decimals too (``'{:.4f}'`` in ``BLIP_vqa.py``).
     """
@@ -320,7 +356,7 @@ def blip_score(yes_probabilities: Sequence[float]) -> float:
 
 
 def simple_spatial_objects(tokens: Sequence[Token]) -> tuple[str | None, str | None]:
-    """(first NOUN, last NOUN) of a spatial / 3-D prompt, as the official scripts pick them; None if no NOUN."""
+    """(first NOUN, last NOUN) of a spatial / 3-D prompt, (official choice) (None: no NOUN)."""
     nouns = [t.text for t in tokens if t.pos == "NOUN"]
     return (nouns[0], nouns[-1]) if nouns else (None, None)
 
@@ -328,9 +364,9 @@ def simple_spatial_objects(tokens: Sequence[Token]) -> tuple[str | None, str | N
 def complex_spatial_objects(tokens: Sequence[Token]) -> tuple[str | None, str | None]:
     """The two objects of a complex prompt's spatial relation (``2D_spatial_eval.py --complex``).
 
-    For each preposition of :data:`COMPLEX_PREPOSITIONS` (matched on 3-, 2- or 1-token spans), the nearest NOUN
-    or PROPN before it and the first NOUN after it (or, failing that, a PROPN not followed by a PROPN). The pair
-    counts only when exactly two objects were found.
+    For each preposition of :data:`COMPLEX_PREPOSITIONS` (matched on 3-, 2- or 1-token spans), the nearest
+    NOUN or PROPN before it and the first NOUN after it (or, failing that, a PROPN not followed by a PROPN).
+    The pair counts only when exactly two objects were found.
     """
     objects: list[str] = []
     n = len(tokens)
@@ -364,7 +400,7 @@ def without_adjectives(tokens: Sequence[Token]) -> str:
 
 
 def first_locality(prompt: str, vocabulary: Sequence[str]) -> str | None:
-    """The first relation word of ``vocabulary`` contained in the prompt (plain substring test, as official)."""
+    """The first relation word of ``vocabulary`` found in the prompt (plain substring test)."""
     return next((w for w in vocabulary if w in prompt), None)
 
 
@@ -377,7 +413,7 @@ def to_detector_name(word: str | None) -> str | None:
 
 
 def rule_frame_size(height: int, width: int, size: int = 479, max_size: int = 480) -> tuple[int, int]:
-    """(h, w) of ``Resize(size=479, max_size=480)``: the frame in which UniDet boxes and depth maps are compared.
+    """(h, w) of ``Resize(size=479, max_size=480)``: the frame of the UniDet boxes and depth maps.
 
     torchvision's rule: shorter side -> size, longer -> int(size * long / short), then both scaled down (with
     truncation) if the longer side exceeds ``max_size``.
@@ -394,7 +430,9 @@ def spatial_iou(box1: Box, box2: Box) -> float:
     x_overlap = max(0.0, min(box1[2], box2[2]) - max(box1[0], box2[0]))
     y_overlap = max(0.0, min(box1[3], box2[3]) - max(box1[1], box2[1]))
     intersection = x_overlap * y_overlap
-    union = (box1[2] - box1[0]) * (box1[3] - box1[1]) + (box2[2] - box2[0]) * (box2[3] - box2[1]) - intersection
+    union = (
+        (box1[2] - box1[0]) * (box1[3] - box1[1]) + (box2[2] - box2[0]) * (box2[3] - box2[1]) - intersection
+    )
     return intersection / union if union > 0 else 0.0
 
 
@@ -417,9 +455,10 @@ def determine_position(
 
     2-D (pixels of the 479-px rule frame): "next to" / "near" / "on side of" is 1 when the centres are closer
     than 150 px on either axis, else 150 / max distance; left / right / top / bottom need the centre offset
-    on the right side and dominant on that axis, then 1 if IoU < 0.1 else 0.1 / IoU. 3-D (``depth`` = inverse
-    depth in [0, 1], larger = nearer): "in front of" needs mean depth 1 > mean depth 2, "behind" / "hidden" the
-    opposite; 1 when IoU > 0.5, IoU / 0.5 when 0 < IoU < 0.5, else 0. Any other locality ("on top of") is 0.
+    on the right side and dominant on that axis, then 1 if IoU < 0.1 else 0.1 / IoU. 3-D (``depth`` =
+    inverse depth in [0, 1], larger = nearer): "in front of" needs mean depth 1 > mean depth 2, "behind" /
+    "hidden" the opposite; 1 when IoU > 0.5, IoU / 0.5 when 0 < IoU < 0.5, else 0. Any other locality (even
+    "on top of") is 0.
     """
     c1 = ((box1[0] + box1[2]) / 2, (box1[1] + box1[3]) / 2)
     c2 = ((box2[0] + box2[2]) / 2, (box2[1] + box2[3]) / 2)
@@ -461,7 +500,9 @@ class Detection:
     box: Box
 
 
-def spatial_score_2d(obj1: str | None, obj2: str | None, locality: str | None, detections: Sequence[Detection]) -> float:
+def spatial_score_2d(
+    obj1: str | None, obj2: str | None, locality: str | None, detections: Sequence[Detection]
+) -> float:
     """``2D_spatial_eval.py``: exact label match on the score-sorted detections, then the 0.5 cut-off."""
     obj1, obj2 = to_detector_name(obj1), to_detector_name(obj2)
     labels = [d.label for d in detections]
@@ -478,7 +519,11 @@ def spatial_score_2d(obj1: str | None, obj2: str | None, locality: str | None, d
 
 
 def spatial_score_3d(
-    obj1: str | None, obj2: str | None, locality: str | None, detections: Sequence[Detection], depth: np.ndarray
+    obj1: str | None,
+    obj2: str | None,
+    locality: str | None,
+    detections: Sequence[Detection],
+    depth: np.ndarray,
 ) -> float:
     """``3D_spatial_eval.py``: substring label match (its position loop included), depth rule, no cut-off."""
     obj1, obj2 = to_detector_name(obj1), to_detector_name(obj2)
@@ -496,7 +541,9 @@ def spatial_score_3d(
             break
     if pos1 is not None and pos2 is not None:
         d1, d2 = detections[pos1], detections[pos2]
-        return 0.25 * d1.score + 0.25 * d2.score + determine_position(locality, d1.box, d2.box, depth=depth) / 2
+        return (
+            0.25 * d1.score + 0.25 * d2.score + determine_position(locality, d1.box, d2.box, depth=depth) / 2
+        )
     first1 = next((i for i, label in enumerate(labels) if obj1 in label), None)
     if first1 is not None:
         return 0.25 * detections[first1].score
@@ -535,12 +582,12 @@ def numeracy_targets(tokens: Sequence[Token]) -> tuple[list[str], list[int]]:
                 objects.append(OBJECTS_SINGULAR[OBJECTS_PLURAL.index(nxt)])
                 if word in _WORD_TO_NUM:
                     counts.append(_WORD_TO_NUM[word])
-            # official: a singular object after a number > 1 ("two dog") raises in object_p.index; skipped here
+            # official: a singular after a number > 1 ("two dog") raises in object_p.index; skipped here
     return objects, counts
 
 
 def numeracy_detector_name(word: str) -> str:
-    """numeracy_eval.py's renames before matching labels: people -> person, ship -> boat, painting -> picture..."""
+    """numeracy_eval.py's renames before label matching: girl -> person, ship -> boat, painting -> picture."""
     return "person" if word in PERSON_WORDS else _NUMERACY_ALIASES.get(word, word)
 
 
@@ -582,7 +629,7 @@ def numeracy_score(objects: Sequence[str], counts: Sequence[int], detections: Se
     return score
 
 
-# ----------------------------------------------------------------------------------------------- detector plumbing
+# ------------------------------------------------------------------------------------------ detector plumbing
 
 
 def unidet_labels_for(word: str | None, label_space: Sequence[str] = UNIDET_LABELS) -> list[str]:
@@ -601,7 +648,9 @@ def label_query_texts(label: str) -> list[str]:
     return [n for n in names if n] or [label]
 
 
-def nms_per_label(detections: Sequence[Detection], iou_threshold: float = 0.5, max_detections: int = 100) -> list[Detection]:
+def nms_per_label(
+    detections: Sequence[Detection], iou_threshold: float = 0.5, max_detections: int = 100
+) -> list[Detection]:
     """Greedy per-label NMS (detectron2's test-time default 0.5), score-sorted, at most ``max_detections``."""
     ordered = sorted(detections, key=lambda d: -d.score)
     kept: list[Detection] = []
@@ -621,7 +670,8 @@ def _plain_iou(a: Box, b: Box) -> float:
 
 
 def complex_kind(prompt: str, spatial_prompts: Sequence[str], action_prompts: Sequence[str]) -> str:
-    """"spatial", "action" or "spatial_action" as ``3_in_1.py`` decides, on ``line.split('.')[0].lower()``."""
+    """ "spatial", "action" or "spatial_action", as ``3_in_1.py`` decides on ``s.split('.')[0].lower()``."""
+
     def key(s: str) -> str:
         return s.strip("\n").split(".")[0].lower()
 
@@ -642,7 +692,6 @@ def three_in_one(kind: str, attribute: float, spatial: float | None, clip: float
     if kind == "spatial_action":
         return (attribute + spatial + clip) / 3
     raise ValueError(f"complex kind must be 'spatial', 'action' or 'spatial_action', got {kind!r}")
-
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -675,7 +724,11 @@ class PromptParser:
         elif nlp != "fallback":
             raise ValueError(f"nlp must be 'auto', 'spacy', 'fallback' or a spaCy Language, got {nlp!r}")
         meta = getattr(self._nlp, "meta", None) or {}
-        model = f"{meta.get('lang', '')}_{meta['name']}-{meta.get('version', '')}" if "name" in meta else spacy_model
+        model = (
+            f"{meta.get('lang', '')}_{meta['name']}-{meta.get('version', '')}"
+            if "name" in meta
+            else spacy_model
+        )
         self.name = "fallback" if self._nlp is None else f"spacy:{model}"
         self._docs: dict[str, object] = {}
 

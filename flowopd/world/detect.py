@@ -6,9 +6,10 @@ and black ink): for colour c, ``alpha = <x - w, c - w> / |c - w|^2`` and the res
 when ``alpha >= 0.5`` (at least half-way from white) and the residual is within a tolerance. A blend of red
 and white at an anti-aliased or blurred edge is therefore red or background, never the nearest other colour.
 Connected components (8-connectivity) below a minimum area are specks, not objects. Each object's shape is the
-ideal template (circle/ellipse, square/rectangle, upright triangle inscribed in its box) with the highest IoU;
-that IoU, reduced for elongated boxes, is its confidence, so GenEval's counting threshold (0.9) keeps only
-clean shapes. Glyphs are read by segmenting ink columns and matching 3x5 cells to the font's templates.
+ideal shape (circle, square, upright triangle; blurred or not) that best fits its soft alpha map by soft IoU,
+with the box given by the object's centroid and second moments; that fit, reduced for elongated boxes, maps to
+a confidence so that GenEval's thresholds keep their meaning (0.3 drops blobs, 0.9 keeps clean shapes). Glyphs
+are read by segmenting ink columns and matching 3x5 cells to the font's templates. See docs/mini_world.md.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def components(pixels: PixelMap, colors: tuple[str, ...] = COLOR_NAMES) -> list[
 
 
 _SHAPE_SS = 4  # supersampling of the ideal templates, as the renderer's
-_BLURS = (0.0, 0.4, 0.7, 1.0, 1.4)  # px; templates are matched at each blur, so soft images still fit their shape
+# px; templates are matched at each blur, so soft (blurred) images still fit their shape
+_BLURS = (0.0, 0.4, 0.7, 1.0, 1.4)
 _FLOOR = 0.1  # alpha below this is treated as background when comparing with a template
 _SMOOTH = 0.8  # px; noise of std 0.05 then costs ~0.02 IoU instead of ~0.06
 _NOISE_FLOOR = 0.05  # alpha below this is background noise, not the object's blurred fringe
@@ -208,7 +210,8 @@ def detect_objects(image: np.ndarray, pixels: PixelMap | None = None) -> dict[st
     smallest = min_area(height, width)
     found: dict[str, list[Detection]] = {}
     comps = [
-        c for c in components(pixels)
+        c
+        for c in components(pixels)
         if c.area >= smallest
         and c.box[2] - c.box[0] < MAX_EXTENT * width
         and c.box[3] - c.box[1] < MAX_EXTENT * height
@@ -219,13 +222,19 @@ def detect_objects(image: np.ndarray, pixels: PixelMap | None = None) -> dict[st
     for comp in comps:
         x1, y1, x2, y2 = comp.box
         # The object's soft alpha around it (blurred fringes included), other objects' pixels excluded.
-        region = ndimage.binary_dilation(comp.mask, structure=_EIGHT, iterations=_MARGIN) & ~(taken & ~comp.mask)
+        region = ndimage.binary_dilation(comp.mask, structure=_EIGHT, iterations=_MARGIN) & ~(
+            taken & ~comp.mask
+        )
         k = COLOR_NAMES.index(comp.color)
         sl = (slice(max(0, y1 - _MARGIN), y2 + _MARGIN), slice(max(0, x1 - _MARGIN), x2 + _MARGIN))
         cls, confidence, _ = classify_shape((pixels.alpha[k] * region)[sl])
         # GenEval boxes are (x1, y1, x2, y2) with inclusive pixel ends (its IoU adds 1 to widths).
-        det = Detection(box=(float(x1), float(y1), float(x2 - 1), float(y2 - 1)), score=confidence,
-                        mask=comp.mask, color=comp.color)
+        det = Detection(
+            box=(float(x1), float(y1), float(x2 - 1), float(y2 - 1)),
+            score=confidence,
+            mask=comp.mask,
+            color=comp.color,
+        )
         found.setdefault(cls, []).append(det)
     for dets in found.values():
         dets.sort(key=lambda d: -d.score)  # stable: ties keep the component order
@@ -286,7 +295,11 @@ def read_glyphs(image: np.ndarray, pixels: PixelMap | None = None) -> tuple[str,
             cols = _area_weights(g0, g1, GLYPH_WIDTH, darkness.shape[1])
             cells = (rows @ darkness @ cols.T).ravel()
             spread = cells.std()
-            corr = _GLYPH_Z @ ((cells - cells.mean()) / spread) / cells.size if spread > 0 else np.zeros(len(_GLYPH_Z))
+            corr = (
+                _GLYPH_Z @ ((cells - cells.mean()) / spread) / cells.size
+                if spread > 0
+                else np.zeros(len(_GLYPH_Z))
+            )
             j = int(corr.argmax())
             matches.append(float(corr[j]))
             text.append(_GLYPH_CHARS[j] if corr[j] >= GLYPH_MIN_CORRELATION else "?")
@@ -300,6 +313,4 @@ def ink_region(ink: np.ndarray) -> np.ndarray:
 
 def summarise(detections: Mapping[str, list[Detection]]) -> str:
     """A short human-readable list of detections, e.g. 'red circle 0.97; blue square 1.00'."""
-    return "; ".join(
-        f"{d.color} {cls} {d.score:.2f}" for cls in sorted(detections) for d in detections[cls]
-    )
+    return "; ".join(f"{d.color} {cls} {d.score:.2f}" for cls in sorted(detections) for d in detections[cls])

@@ -40,7 +40,9 @@ def glyph(ch: str) -> np.ndarray:
     try:
         return GLYPHS[ch]
     except KeyError:
-        raise KeyError(f"character {ch!r} is not in the mini world's font (flowopd/world/font.py): {FONT_CHARS!r}") from None
+        raise KeyError(
+            f"character {ch!r} is not in the mini world's font (flowopd/world/font.py): {FONT_CHARS!r}"
+        ) from None
 
 
 def text_mask(text: str, scale: int = 1) -> np.ndarray:

@@ -36,7 +36,14 @@ RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 ALPHABET: str = FONT_CHARS
 TASKS = ("geneval", "ocr", "compbench")
 SPLITS = ("train", "test", "heldout")
-GENEVAL_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_TAGS: tuple[str, ...] = (
+    "single_object",
+    "two_object",
+    "counting",
+    "colors",
+    "position",
+    "color_attr",
+)
 COMPBENCH_CATEGORIES: tuple[str, ...] = ("color", "shape", "spatial", "numeracy")
 COUNTS: tuple[int, ...] = (1, 2, 3, 4)
 
@@ -89,7 +96,9 @@ def _noun(count: int, cls: str, color: str | None = None) -> str:
     return " ".join(words)
 
 
-def _meta(tag: str, include: list[dict], exclude: list[dict], prompt: str, category: str | None = None) -> dict:
+def _meta(
+    tag: str, include: list[dict], exclude: list[dict], prompt: str, category: str | None = None
+) -> dict:
     meta: dict[str, Any] = {} if category is None else {"category": category}
     meta["tag"] = tag
     meta["include"] = include
@@ -124,7 +133,9 @@ def _geneval_space() -> dict[str, list[dict]]:
             _meta("two_object", [_obj(a), _obj(b)], [], f"a photo of a {a} and a {b}") for a, b in pairs
         ],
         "counting": [_counting_meta([(n, s, None)]) for s in SHAPES for n in (2, 3, 4)],
-        "colors": [_meta("colors", [_obj(s, 1, c)], [], f"a photo of a {c} {s}") for s in SHAPES for c in COLORS],
+        "colors": [
+            _meta("colors", [_obj(s, 1, c)], [], f"a photo of a {c} {s}") for s in SHAPES for c in COLORS
+        ],
         # GenEval's position template: the subject (clause 1) relative to the reference (clause 0).
         "position": [
             _meta("position", [_obj(b), _obj(a, 1, None, (r, 0))], [], f"a photo of a {a} {r} a {b}")
@@ -193,8 +204,15 @@ def _compbench_space() -> dict[str, list[dict]]:
         for b in SHAPES:
             if b == a:
                 continue
-            spatial.append(_meta("position", [_obj(b), _obj(a, 1, None, (rel, 0))], [], f"a photo of a {a} {rel} a {b}",
-                                 "spatial"))
+            spatial.append(
+                _meta(
+                    "position",
+                    [_obj(b), _obj(a, 1, None, (rel, 0))],
+                    [],
+                    f"a photo of a {a} {rel} a {b}",
+                    "spatial",
+                )
+            )
             for ca, cb in itertools.product(free_colors[a], free_colors[b]):
                 if ca != cb:
                     include = [_obj(b, 1, cb), _obj(a, 1, ca, (rel, 0))]
@@ -289,7 +307,9 @@ def prompt_set(task: str, split: str) -> list[dict]:
             out = [m for tag in GENEVAL_TAGS for m in s[split][tag]]
     elif task == "ocr":
         if split == "heldout":
-            raise ValueError("the ocr task has no heldout split (its alphabet is closed); use 'train' or 'test'")
+            raise ValueError(
+                "the ocr task has no heldout split (its alphabet is closed); use 'train' or 'test'"
+            )
         out = [text_meta(t) for t in s[f"{split}_texts"]]
     else:
         if split != "heldout":
@@ -315,7 +335,11 @@ def sample_prompt(rng: np.random.Generator, split: str = "train", task: str | No
             pool = s["heldout_geneval"]
         else:
             tag = GENEVAL_TAGS[int(rng.integers(len(GENEVAL_TAGS)))]
-            pool = s["train"][tag] if split == "train" else list({m["prompt"]: m for m in s["test"][tag]}.values())
+            pool = (
+                s["train"][tag]
+                if split == "train"
+                else list({m["prompt"]: m for m in s["test"][tag]}.values())
+            )
         return copy.deepcopy(pool[int(rng.integers(len(pool)))])
     if task == "ocr":
         if split == "heldout":

@@ -106,7 +106,9 @@ def layout(meta: Mapping[str, Any], rng: np.random.Generator, size: int = gramma
                 box = (x, y, x + side, y + side)
                 if not all(_separated(box, p.box) for p in placed):
                     continue
-                if position is not None and not _relation_holds(position[0], box, first_of_clause[position[1]]):
+                if position is not None and not _relation_holds(
+                    position[0], box, first_of_clause[position[1]]
+                ):
                     continue
                 break
             else:

@@ -23,10 +23,14 @@ from flowopd.scorers.ocr_rules import ocr_accuracy
 from flowopd.world import detect
 
 
-def _check_batch(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> np.ndarray:
+def _check_batch(
+    images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
+) -> np.ndarray:
     arr = to_uint8_hwc(images)
     if len(prompts) != len(arr) or len(metadata) != len(arr):
-        raise ValueError(f"got {len(arr)} images, {len(prompts)} prompts and {len(metadata)} metadata records")
+        raise ValueError(
+            f"got {len(arr)} images, {len(prompts)} prompts and {len(metadata)} metadata records"
+        )
     return arr
 
 
@@ -97,8 +101,12 @@ class MiniGenEvalScorer:
         for image, meta in zip(arr, metadata):
             tag = meta.get("tag")
             if tag not in GENEVAL_TAGS:
-                row = {"correct": None, "reason": f"not a GenEval prompt (tag {tag!r})", "partial": math.nan,
-                       "detected": ""}
+                row = {
+                    "correct": None,
+                    "reason": f"not a GenEval prompt (tag {tag!r})",
+                    "partial": math.nan,
+                    "detected": "",
+                }
                 scores.append(math.nan)
             else:
                 row = _geneval_row(image, meta, self.threshold, self.counting_threshold)
@@ -208,7 +216,8 @@ def estimate_noise(image: np.ndarray) -> float:
     return float(np.mean(out))
 
 
-SOFT_EDGE_FREE = 0.8  # soft edge pixels per boundary pixel that anti-aliasing alone produces (renderer: <= 0.7)
+# Soft edge pixels per boundary pixel that anti-aliasing alone produces (renderer images: <= 0.7).
+SOFT_EDGE_FREE = 0.8
 
 
 def measure(image: np.ndarray) -> Measurements:
@@ -253,7 +262,11 @@ def measure(image: np.ndarray) -> Measurements:
         side = max(x2 - x1, y2 - y1) / max(height, width)
         sizes.append(math.exp(-(((side - 0.375) / 0.15) ** 2)))
         ys, xs = np.nonzero(comp.mask)
-        mass_y, mass_x, mass = mass_y + ys.sum() + 0.5 * len(ys), mass_x + xs.sum() + 0.5 * len(xs), mass + len(ys)
+        mass_y, mass_x, mass = (
+            mass_y + ys.sum() + 0.5 * len(ys),
+            mass_x + xs.sum() + 0.5 * len(xs),
+            mass + len(ys),
+        )
     background = (pixels.label == detect.BACKGROUND) & ~near
     if background.any():
         # A tint (median, per channel: zero-mean pixel noise is the noise term's business) plus blotches.
@@ -277,7 +290,13 @@ def measure(image: np.ndarray) -> Measurements:
 
 
 # Penalty weights of the quality analogue (docs/mini_world.md): quality = 1 + 4 exp(-penalty).
-QUALITY_WEIGHTS: dict[str, float] = {"noise": 12.0, "softness": 0.6, "dirt": 8.0, "specks": 0.1, "shape_error": 2.0}
+QUALITY_WEIGHTS: dict[str, float] = {
+    "noise": 12.0,
+    "softness": 0.6,
+    "dirt": 8.0,
+    "specks": 0.1,
+    "shape_error": 2.0,
+}
 # Weights of the preference analogue: pick = 10 x weighted mean of four terms in [0, 1].
 PICK_WEIGHTS: dict[str, float] = {"vividness": 0.35, "centring": 0.25, "sizing": 0.25, "clean": 0.15}
 
