@@ -12,6 +12,7 @@ import nox
 
 nox.options.sessions = ["tests"]
 nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True  # the table sessions re-run in seconds once installed
 
 ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
@@ -47,6 +48,40 @@ def slow(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
     session.run("ruff", "check", "flowopd", "tests", "noxfile.py")
+
+
+def _table(session: nox.Session, name: str) -> None:
+    """``nox -s NAME -- [--preset mini|sd35m] [--retrain] [--config FILE]``: print the table beside the paper's."""
+    _install(session)
+    session.run("python", "-m", "flowopd.bench", "table", name, *session.posargs, env=_env())
+
+
+@nox.session
+def table1(session: nox.Session) -> None:
+    """Table 1: base, the four teachers, GRPO-Mix, SFT-init and merge-init Flow-OPD."""
+    _table(session, "table1")
+
+
+@nox.session
+def table2(session: nox.Session) -> None:
+    """Table 2: T2I-CompBench out of distribution (mini: the held-out split)."""
+    _table(session, "table2")
+
+
+@nox.session
+def table3(session: nox.Session) -> None:
+    """Table 3: the Manifold Anchor Regularization ablation."""
+    _table(session, "table3")
+
+
+@nox.session
+def pretrain(session: nox.Session) -> None:
+    """Pretrain the mini base from scratch (about 15 minutes on 2 cores); pass key=value overrides after --."""
+    _install(session)
+    out = "runs/pretrain-from-scratch"
+    session.run("python", "-m", "flowopd.train", "pretrain", "training/configs/mini_pretrain.toml",
+                f"out={out}", *session.posargs, env=_env())
+    session.run("python", "-m", "flowopd.bench", "evaluate", out, "--out", f"{out}/eval", env=_env())
 
 
 def _scorer_envs():

@@ -132,6 +132,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from flowopd.bench.tables import reproduce
+
+    paths = reproduce(args.name, preset=args.preset, retrain_missing=args.retrain, retrain_all=args.retrain_all,
+                      config=Path(args.config) if args.config else None, out=Path(args.out),
+                      device=args.device, limit=args.limit)
+    print(Path(paths["md"]).read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flowopd.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default="benchmarks/thresholds.toml")
     p.add_argument("--section", help="the [floors.NAME] section (default: the checkpoint's, else default)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("table", help="reproduce a paper table (table1, table2, table3)")
+    p.add_argument("name")
+    p.add_argument("--preset", default="mini", choices=["mini", "sd35m"])
+    p.add_argument("--retrain", action="store_true", help="train the rows whose checkpoints are missing")
+    p.add_argument("--retrain-all", action="store_true", help="retrain every row from scratch (slow)")
+    p.add_argument("--config", help="sd35m checkpoint paths (default: reports/sd35m_checkpoints.toml)")
+    p.add_argument("--out", default="reports/out")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, help="evaluate only the first N prompts of each benchmark")
+    p.set_defaults(func=cmd_table)
 
     sub.add_parser("serve", help="run a scorer behind a local HTTP server (serve --help for its options)")
     return parser

@@ -20,7 +20,7 @@ from flowopd.bench.results import load_results, new_results, save_results
 from flowopd.bench.scoring import score_images
 from flowopd.bench.spec import BenchmarkSpec, GenerationSpec, all_specs, get_spec
 from flowopd.data import load_prompts
-from flowopd.models.loading import DEFAULT_CHECKPOINT, checkpoint_kind, load_policy
+from flowopd.models.loading import DEFAULT_CHECKPOINT, is_mini, load_policy
 from flowopd.models.policy import Policy
 from flowopd.scorers import build_scorer
 from flowopd.scorers.base import Scorer
@@ -30,7 +30,7 @@ SD35M_DEFAULT_BENCHMARKS = ("geneval", "ocr", "deqa", "pickscore")
 
 def default_benchmarks(checkpoint: str | None) -> list[str]:
     """Every mini benchmark for mini checkpoints; Table 1's four benchmarks otherwise."""
-    if checkpoint is None or checkpoint_kind(checkpoint) == "mini":
+    if checkpoint is None or is_mini(checkpoint):
         return [name for name, spec in all_specs().items() if spec.scale_name == "mini"]
     return list(SD35M_DEFAULT_BENCHMARKS)
 

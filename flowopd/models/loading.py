@@ -1,7 +1,8 @@
 """Resolve a CHECKPOINT argument to a Policy.
 
-Accepted forms: ``mini:NAME`` (a committed mini-world checkpoint), a mini checkpoint directory, a diffusers
-SD3 directory or hub id, or a LoRA adapter directory (peft format) with a base model.
+Accepted forms: ``mini:NAME`` (a committed mini-world checkpoint or adapter under flowopd/assets/mini/),
+a mini checkpoint directory, a diffusers SD3 directory or hub id, or a LoRA adapter directory (peft format)
+whose base is named by ``--base`` or by its ``adapter_config.json``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,37 @@ from flowopd.models.sd3 import SD35M_ID, SD3Policy, offline_hint
 DEFAULT_CHECKPOINT = "mini:base"
 
 
+def checkpoint_dir(checkpoint: str) -> Path:
+    if checkpoint.startswith("mini:"):
+        from flowopd.models.mini import ASSETS_DIR
+
+        return ASSETS_DIR / checkpoint.removeprefix("mini:")
+    return Path(checkpoint)
+
+
+def adapter_base(checkpoint: str, base: str | None = None) -> str:
+    """The base model of a LoRA adapter checkpoint."""
+    config = json.loads((checkpoint_dir(checkpoint) / "adapter_config.json").read_text())
+    return base or config.get("base_model_name_or_path") or SD35M_ID
+
+
 def checkpoint_kind(checkpoint: str) -> str:
     """One of ``mini``, ``sd3``, ``lora``."""
+    path = checkpoint_dir(checkpoint)
+    if (path / "adapter_config.json").is_file():
+        return "lora"
     if checkpoint.startswith("mini:"):
         return "mini"
-    path = Path(checkpoint)
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file():
-            return "lora"
-        config = path / "config.json"
-        if config.is_file() and str(json.loads(config.read_text()).get("format", "")).startswith("flowopd-mini"):
-            return "mini"
-        return "sd3"
-    return "sd3"  # a hub id
+    config = path / "config.json"
+    if config.is_file() and str(json.loads(config.read_text()).get("format", "")).startswith("flowopd-mini"):
+        return "mini"
+    return "sd3"  # a diffusers directory or a hub id
+
+
+def is_mini(checkpoint: str, base: str | None = None) -> bool:
+    """Whether a checkpoint belongs to the mini world (directly, or as an adapter on a mini base)."""
+    kind = checkpoint_kind(checkpoint)
+    return kind == "mini" or (kind == "lora" and checkpoint_kind(adapter_base(checkpoint, base)) == "mini")
 
 
 def load_policy(
@@ -45,24 +64,17 @@ def load_policy(
         return load_mini(checkpoint, device=device)
     if kind == "sd3":
         return SD3Policy.from_pretrained(checkpoint, device=device, dtype=dtype)
-    adapter_config = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
-    base = base or adapter_config.get("base_model_name_or_path") or SD35M_ID
-    if checkpoint_kind(base) == "mini":
-        from flowopd.models.mini import load_mini
-
-        policy = load_mini(base, device=device)
-        target = policy.net
-    else:
-        policy = SD3Policy.from_pretrained(base, device=device, dtype=dtype)
-        target = policy.transformer
+    base_name = adapter_base(checkpoint, base)
+    policy = load_policy(base_name, device=device, dtype=dtype)
+    target = policy.transformer if isinstance(policy, SD3Policy) else policy.net
     from peft import PeftModel
 
     try:
-        merged = PeftModel.from_pretrained(target, checkpoint).merge_and_unload()
+        merged = PeftModel.from_pretrained(target, str(checkpoint_dir(checkpoint))).merge_and_unload()
     except (OSError, ValueError) as e:
         raise offline_hint(checkpoint, e) from None
-    if hasattr(policy, "transformer"):
-        policy.pipe.transformer = policy.transformer = merged
+    if isinstance(policy, SD3Policy):
+        policy.pipe.transformer = policy.transformer = merged.eval()
     else:
-        policy.net = merged
+        policy.net = merged.eval()
     return policy

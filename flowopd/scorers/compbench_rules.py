@@ -192,8 +192,8 @@ _ADPOSITIONS = set(
 _AUXILIARIES = set(
     "is are was were be been being am has have had do does did can could will would should may".split()
 )
-_OTHER = set(
-    "and or but as while than then it they he she we you i there here which who whom whose them its "
+_OTHER = set(  # conjunctions, pronouns, adverbs: never part of a noun phrase
+    "and or but as while than then it they he she we you i there here which who whom whose them "
     "next together very down up away off out just also carefully slowly gently quietly".split()
 )
 _COLOURS = set(
@@ -209,21 +209,18 @@ _ADJECTIVES = _COLOURS | set(
     "jagged prickly bumpy polished rusty "
     # frequent adjectives of the complex and non-spatial prompts
     "old new modern ancient vintage bright dark dim colorful vibrant warm cool cold hot fresh sweet sour "
-    "juicy "
-    "delicious beautiful elegant cozy calm quiet busy empty full heavy light wet dry clean sharp dull deep "
+    "juicy delicious beautiful elegant cozy calm quiet busy empty full heavy light wet dry clean sharp dull deep "
     "gentle delicate fragrant lush majestic serene sturdy thorny twisted ripe rich graceful intricate ornate "
     "plush playful peaceful wild tasty savory sparkling shimmering".split()
 )
 _IRREGULAR_VERBS = set(
     "sat lay hung fell shone sped wrote stood ran flew grew sang swam drove held kept led lit spun struck "
-    "stuck took "
-    "told woke blew drew ate went came gave found sits lies hangs shines reads holds".split()
+    "stuck took told woke blew drew ate went came gave found sits lies hangs shines reads holds".split()
 )
-_NOUNS_LIKE_VERBS = (
+_NOUNS_LIKE_VERBS = (  # -ing / -ed nouns
     set(
         "painting building ceiling string wedding thing morning evening clothing stocking pudding icing "
-        "frosting "
-        "railing earring dumpling duckling sibling bed shed sled seed".split()
+        "frosting railing earring dumpling duckling sibling bed shed sled seed".split()
     )
     | set(OBJECTS_SINGULAR)
     | set(OBJECTS_PLURAL)
@@ -260,7 +257,7 @@ def _fallback_pos(word: str) -> str:
         return "PUNCT"
     if w[0].isdigit():
         return "NUM"
-    for pos, words in (("DET", _DETERMINERS), ("ADP", _ADPOSITIONS), ("AUX", _AUXILIARIES), ("ADV", _OTHER)):
+    for pos, words in (("DET", _DETERMINERS), ("ADP", _ADPOSITIONS), ("AUX", _AUXILIARIES), ("X", _OTHER)):
         if w in words:
             return pos
     if w.startswith("'") or w == "n't":
@@ -356,7 +353,7 @@ def blip_score(yes_probabilities: Sequence[float]) -> float:
 
 
 def simple_spatial_objects(tokens: Sequence[Token]) -> tuple[str | None, str | None]:
-    """(first NOUN, last NOUN) of a spatial / 3-D prompt, (official choice) (None: no NOUN)."""
+    """(first NOUN, last NOUN) of a spatial / 3-D prompt, as the official scripts pick them, or Nones."""
     nouns = [t.text for t in tokens if t.pos == "NOUN"]
     return (nouns[0], nouns[-1]) if nouns else (None, None)
 
