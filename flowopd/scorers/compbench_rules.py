@@ -209,9 +209,9 @@ _ADJECTIVES = _COLOURS | set(
     "jagged prickly bumpy polished rusty "
     # frequent adjectives of the complex and non-spatial prompts
     "old new modern ancient vintage bright dark dim colorful vibrant warm cool cold hot fresh sweet sour "
-    "juicy delicious beautiful elegant cozy calm quiet busy empty full heavy light wet dry clean sharp dull deep "
-    "gentle delicate fragrant lush majestic serene sturdy thorny twisted ripe rich graceful intricate ornate "
-    "plush playful peaceful wild tasty savory sparkling shimmering".split()
+    "juicy delicious beautiful elegant cozy calm quiet busy empty full heavy light wet dry clean sharp dull "
+    "deep gentle delicate fragrant lush majestic serene sturdy thorny twisted ripe rich graceful intricate "
+    "ornate plush playful peaceful wild tasty savory sparkling shimmering".split()
 )
 _IRREGULAR_VERBS = set(
     "sat lay hung fell shone sped wrote stood ran flew grew sang swam drove held kept led lit spun struck "
@@ -735,6 +735,8 @@ class PromptParser:
 
     def _doc(self, prompt: str) -> object:
         if prompt not in self._docs:  # ten images share a prompt: parse it once
+            if len(self._docs) >= 4096:  # bounded: a training run sees many prompts
+                self._docs.clear()
             self._docs[prompt] = self._nlp(prompt)
         return self._docs[prompt]
 

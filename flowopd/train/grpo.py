@@ -344,7 +344,7 @@ def train(
 ) -> GRPOResult:
     """Run the recipe. ``scorers`` (by scorer name) and ``eval_scorers`` (by benchmark) may be injected."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
     for module in config.imports:
@@ -368,6 +368,8 @@ def train(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=n_batches // config.updates_per_iteration * n_train,
         cpu=config.cpu,
+        # adapters whose output does not reach the loss (the mini UNet's last text update) get no gradient
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     set_seed(config.seed)
@@ -511,6 +513,18 @@ def _rollout(
 ) -> tuple[Trajectory, Conditioning, RewardOutput, dict[str, float]]:
     """Sample this process's share in batches; score each batch (in the background when asked)."""
     model.eval()
+    with _unwrapped(policy, model):
+        return _sample_and_score(config, policy, plan, local, reward, executor)
+
+
+def _sample_and_score(
+    config: GRPOConfig,
+    policy: Any,
+    plan: IterationPlan,
+    local: np.ndarray,
+    reward: Reward,
+    executor: ThreadPoolExecutor | None,
+) -> tuple[Trajectory, Conditioning, RewardOutput, dict[str, float]]:
     parts, conds, futures = [], [], []
     t0 = time.perf_counter()
     b = config.sample_batch_size
@@ -524,7 +538,8 @@ def _rollout(
         traj = sample_sde_trajectory(policy, cond, noise, config.num_steps, config.guidance_scale,
                                      config.noise_level, plan.sde_steps, gens, config.log_prob_reduction,
                                      config.sde_type)
-        images, traj.images = traj.images, traj.images[:0]  # the scorer keeps the images; training does not
+        # the scorer keeps the images; training does not (an empty tensor, not a view that pins their storage)
+        images, traj.images = traj.images, traj.images.new_empty((0, *traj.images.shape[1:]))
         if executor is not None:
             futures.append(executor.submit(_score, reward, images, texts, metas))
         else:
@@ -638,13 +653,12 @@ def _train_iteration(
 
 
 @contextlib.contextmanager
-def _inference_view(policy: Any, model: torch.nn.Module, named: Sequence[tuple[str, Any]], ema: EMA | None) -> Iterator[None]:
-    """The policy with the EMA weights, its network out of DDP (evaluation runs on one process only)."""
+def _unwrapped(policy: Any, model: torch.nn.Module) -> Iterator[None]:
+    """The policy with its network out of DDP: sampling needs no gradient sync, and evaluation runs on one
+    process only (a DDP forward may broadcast buffers, which would wait for the other processes)."""
     set_trainable_module(policy, unwrap(model))
-    model.eval()
     try:
-        with ema.applied(named) if ema is not None else contextlib.nullcontext():
-            yield
+        yield
     finally:
         set_trainable_module(policy, model)
 
@@ -665,7 +679,8 @@ def _evaluate(
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         t0 = time.perf_counter()
-        with _inference_view(policy, model, named, ema), torch.no_grad():
+        model.eval()
+        with _unwrapped(policy, model), ema.applied(named) if ema is not None else contextlib.nullcontext():
             results = evaluate(
                 checkpoint=None, policy=policy, benchmarks=config.eval_benchmarks,
                 out=Path(config.output_dir) / "eval" / f"iteration-{iteration:06d}", limit=config.eval_limit,
