@@ -13,10 +13,15 @@ EXTRA_IMPORTS = {"ocr": ["rapidocr_onnxruntime"], "hps": [], "judge": [], "compb
 
 
 def weights_cached(entry: str) -> bool:
-    """Whether an official weight (``repo`` or ``repo:file``) is in the local Hugging Face cache."""
+    """Whether an official weight is available offline: ``repo`` or ``repo:file`` in the Hugging Face
+    cache, or ``cache:file`` in flowopd's own weight cache (files pinned by URL + sha256)."""
     from huggingface_hub import try_to_load_from_cache
 
     repo, _, filename = entry.partition(":")
+    if repo == "cache":
+        from flowopd.data import cache_root
+
+        return (cache_root() / "weights" / filename).is_file()
     if "/" not in repo:
         return False
     for name in [filename] if filename else ["config.json", "model_index.json", "preprocessor_config.json"]:
@@ -58,7 +63,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         try:
             n = str(len(load_prompts(spec.prompts)))
         except (PromptFileError, ImportError) as e:
-            n = "?"
+            n = "not cached"
             if args.verbose:
                 print(f"{name}: {e}", file=sys.stderr)
         images = str(spec.generation.images_per_prompt)
