@@ -8,6 +8,7 @@ real pixel computation registered through the registry API.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flowopd.bench.spec import get_spec
 from flowopd.train.__main__ import main as train_main
 from flowopd.train.config import ConfigError, load_config
 from flowopd.train.grpo import (
@@ -33,6 +35,7 @@ output_dir = "{out}"
 imports = ["_grpo_scorers"]
 mixed_precision = "no"
 cpu = true
+threads = 1
 lora_rank = 4
 lora_alpha = 8
 resolution = 16
@@ -197,6 +200,9 @@ def test_config_errors_name_the_key(tmp_path):
     cfg = load_config(GRPOConfig, None, ["group_size=1", "reward.weights.geneval=1.0"])
     with pytest.raises(ConfigError, match="group_size"):
         train(cfg)
+    cfg = load_config(GRPOConfig, None, ["sde_type=cps", "timestep_fraction=1.0", "reward.weights.geneval=1.0"])
+    with pytest.raises(ConfigError, match="last step"):
+        train(cfg)
     with pytest.raises(ConfigError, match="exactly one of"):
         PromptSampler([PromptSourceConfig(task="x")])
 
@@ -209,11 +215,19 @@ def test_every_published_recipe_parses(request):
         "mini_grpo_geneval.toml", "mini_grpo_ocr.toml", "mini_grpo_quality.toml", "mini_grpo_pick.toml",
         "mini_grpo_mix.toml",
     }
+    data = Path(os.environ["FLOWOPD_DATA_DIR"])
     for path in recipes:
         cfg = load_config(GRPOConfig, path)
         assert cfg.prompts and (cfg.reward.weights or cfg.reward.tasks), path.name
         per_iteration = cfg.prompts_per_iteration * cfg.group_size
-        assert per_iteration % cfg.sample_batch_size == 0, path.name
+        assert per_iteration % (cfg.sample_batch_size * cfg.updates_per_iteration) == 0, path.name
+        assert all(get_spec(name) for name in cfg.eval_benchmarks), path.name
+        routed = set(cfg.reward.tasks) | ({"*"} if cfg.reward.weights else set())
+        assert all(s.task in routed or "*" in routed for s in cfg.prompts), path.name
+        files = [s.prompt_set["path"] for s in cfg.prompts if s.prompt_set]
+        if all((data / f).is_file() for f in files):  # the others are not in ../shared/data (no network here)
+            drawn = PromptSampler(cfg.prompts, cfg.mix).draw(np.random.default_rng(0), 1, 4)
+            assert all(m["prompt"] and m["task"] == cfg.prompts[0].task for m in drawn), path.name
     mix = load_config(GRPOConfig, root / "grpo_mix.toml")
     assert [s.weight for s in mix.prompts] == [3, 1, 1]
     assert all(set(w.values()) == {0.8, 0.2} for w in mix.reward.tasks.values())
@@ -256,3 +270,25 @@ def test_advantages_drop_constant_and_nan_groups_and_micro_batches_pad():
     assert [len(b) for b in padded] == [2, 2] and {0, 2, 4} <= set(np.concatenate(padded).tolist())
     nothing = micro_batches(np.zeros(4, dtype=bool), 2, np.random.default_rng(0))
     assert [len(b) for b in nothing] == [1, 1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_ddp_match_the_single_process_run(run_a):
+    """Two processes (torchrun, DDP over gloo; ``accelerate launch --cpu`` starts only one): same prompts,
+    seeds and mean gradient as the single-process run, up to float summation order."""
+    import os
+    import subprocess
+    import sys
+
+    out = run_a / "ddp"
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flowopd.train", "grpo",
+           str(run_a / "tiny.toml"), f"output_dir={out}", "sample_batch_size=1"]
+    subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    single = load_file(run_a / "a" / "checkpoints" / "iteration-000002" / "state" / "adapter_live.safetensors")
+    ddp = load_file(out / "checkpoints" / "iteration-000002" / "state" / "adapter_live.safetensors")
+    assert single.keys() == ddp.keys()
+    assert all(torch.allclose(single[k], ddp[k], rtol=0, atol=1e-6) for k in single)
+    assert sorted(p.name for p in (out / "checkpoints" / "iteration-000002" / "state").glob("rng_*")) == [
+        "rng_0.json", "rng_0.safetensors", "rng_1.json", "rng_1.safetensors"]

@@ -21,6 +21,15 @@ from flowopd.train.rollout import (
 PROMPTS = ["a photo of a red circle", 'a sign that says "AB"', "a photo of two squares", "a photo of a green circle"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many times faster on one thread when other processes share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def mini():
     torch.manual_seed(0)

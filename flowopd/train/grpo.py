@@ -14,11 +14,12 @@ One iteration (Flow-GRPO's "epoch"):
    ``updates_per_iteration`` AdamW updates with grad-norm clipping; then the EMA of the adapter;
 5. log (tensorboard, ``metrics.jsonl``), checkpoint and evaluate every N iterations.
 
-Multi-GPU and multi-node through accelerate (``accelerate launch -m flowopd.train grpo CONFIG``): every
-process draws the same prompts and seeds (same generator), samples its share, and the rewards are gathered,
-so the run is the same whatever the number of processes up to float reduction order. DDP is the tested
-path; FSDP/DeepSpeed come from accelerate's config (the adapter, EMA and checkpoint code assume the adapter
-parameters are not sharded).
+Multi-GPU and multi-node through accelerate (``accelerate launch -m flowopd.train grpo CONFIG``; several CPU
+processes: ``torchrun --nproc_per_node N -m flowopd.train grpo CONFIG``): every process draws the same
+prompts and seeds (same generator), samples its share, and the rewards are gathered, so the run is the same
+whatever the number of processes up to float summation order (a test checks 2 processes against 1). DDP is
+the tested path; FSDP/DeepSpeed come from accelerate's config (the adapter, EMA and checkpoint code assume
+the adapter parameters are not sharded).
 
 Checkpoints (``<output_dir>/checkpoints/iteration-NNNNNN/``): ``adapter/`` in peft format (the EMA weights
 when ``ema`` is on, as Flow-GRPO saves them; ``python -m flowopd.bench evaluate DIR`` loads it), and
@@ -30,6 +31,7 @@ are safetensors or ``torch.load(weights_only=True)``, the rest JSON.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 import json
@@ -78,10 +80,8 @@ _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _help(default: Any, text: str) -> Any:
     """A dataclass field with help text (TRL's habit); mutable defaults are copied per instance."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": text})
+    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": text})
     return field(default=default, metadata={"help": text})
 
 
@@ -131,6 +131,8 @@ class GRPOConfig:
                                  "accelerate's autocast; the adapter stays float32 and the VAE float32.")
     allow_tf32: bool = _help(True, "TF32 matmuls on Ampere+ GPUs (Flow-GRPO: true).")
     cpu: bool = _help(False, "Run on CPU even when a GPU is present.")
+    threads: int = _help(0, "torch CPU threads of this process (0: torch's default). On a shared small CPU, 1 "
+                         "avoids thread contention that slows small models many times over.")
     # --- LoRA
     lora_rank: int = _help(32, "LoRA rank (published 32).")
     lora_alpha: float = _help(64.0, "LoRA alpha (published 64; scaling alpha / rank = 2).")
@@ -325,7 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args and args[0] in ("-h", "--help") else 2
     result = train(load_config(GRPOConfig, args[0], args[1:]))
     last = result.checkpoints[-1] if result.checkpoints else None
-    print(f"done: iteration {result.iteration}, {result.optimizer_step} optimizer steps; last checkpoint {last}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"done: iteration {result.iteration}, {result.optimizer_step} optimizer steps; last checkpoint {last}")
     return 0
 
 
@@ -343,6 +348,18 @@ def train(
     eval_scorers: Mapping[str, Scorer] | None = None,
 ) -> GRPOResult:
     """Run the recipe. ``scorers`` (by scorer name) and ``eval_scorers`` (by benchmark) may be injected."""
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, scorers, eval_scorers)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    config: GRPOConfig, scorers: Mapping[str, Scorer] | None, eval_scorers: Mapping[str, Scorer] | None
+) -> GRPOResult:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
@@ -374,6 +391,7 @@ def train(
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     set_seed(config.seed)
     out_dir = Path(config.output_dir)
+    sampler = PromptSampler(config.prompts, config.mix)  # fails on a missing prompt file before the model loads
 
     policy, model = _build_policy(config, accelerator.device)
     named = lora_parameters(model)
@@ -389,7 +407,6 @@ def train(
     ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
     reward = Reward(_reward_tasks(config.reward), config.reward.scales, scorers, config.reward.scorer_options,
                     config.reward.servers, accelerator.device)
-    sampler = PromptSampler(config.prompts, config.mix)
     rng = np.random.default_rng(config.seed)
 
     start, step = 0, 0
@@ -470,6 +487,13 @@ def _check(config: GRPOConfig) -> None:
                  "save_every", "num_steps"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.noise_level <= 0:
+        raise ConfigError(f"noise_level must be > 0 for training (0 is the deterministic ODE), got {config.noise_level}")
+    if config.sde_type == "cps":
+        end = config.sde_window_range[1] if config.sde_window_size else int(config.num_steps * config.timestep_fraction)
+        if end >= config.num_steps:
+            raise ConfigError("sde_type = 'cps': the last step (to t = 0) is deterministic and has no log-prob; keep it "
+                              "out of the trained steps (timestep_fraction < 1, or sde_window_range ending before num_steps)")
     if not config.reward.weights and not config.reward.tasks:
         raise ConfigError("no reward: set reward.weights = {scorer = weight} or [reward.tasks.<task>]")
 
@@ -673,7 +697,7 @@ def _evaluate(
     scorers: Mapping[str, Scorer] | None,
     accelerator: Any,
 ) -> dict[str, float]:
-    """Headline metric of every evaluation benchmark (flowopd.bench.evaluate) on the main process."""
+    """Every metric (``mean`` and per tag) of the evaluation benchmarks (flowopd.bench.evaluate), main process only."""
     from flowopd.bench.evaluate import evaluate
 
     metrics: dict[str, float] = {}
