@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", help="comma-separated names (default: all mini ones, or Table 1's four)")
     p.add_argument("--out", help="run directory (default: runs/<checkpoint>)")
     p.add_argument("--limit", type=int, help="evaluate only the first N prompts of each benchmark")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, help="images per batch (default: 64 for mini checkpoints, else 8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--base", help="base model for a LoRA adapter checkpoint")
     p.add_argument("--images", help="score images generated elsewhere (GenEval folders or <idx>.png)")

@@ -70,7 +70,7 @@ def evaluate(
     benchmarks: Sequence[str] | None = None,
     out: str | Path | None = None,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "cpu",
     images: str | Path | None = None,
     base: str | None = None,
@@ -88,6 +88,8 @@ def evaluate(
     if images is None and checkpoint is None and policy is None:
         checkpoint = DEFAULT_CHECKPOINT
     names = list(benchmarks) if benchmarks else default_benchmarks(checkpoint)
+    if batch_size is None:  # the mini model is small: large batches are much faster on a CPU
+        batch_size = 64 if checkpoint is None or is_mini(checkpoint) else 8
     specs = [_with_generation(get_spec(name), generation) for name in names]  # fail early on unknown names
     label = checkpoint or (f"images:{images}" if images else "policy")
     run_dir = Path(out) if out else Path("runs") / run_name(label)

@@ -15,6 +15,9 @@ from flowopd.registry import import_string
 COMMANDS: dict[str, str] = {
     "pretrain": "flowopd.train.pretrain:main",
     "grpo": "flowopd.train.grpo:main",
+    "opd": "flowopd.train.opd:main",
+    "sft": "flowopd.train.sft:main",
+    "merge": "flowopd.train.merge_cli:main",
 }
 
 _USAGE = "usage: python -m flowopd.train SUBCOMMAND CONFIG.toml [key=value ...]"

@@ -53,6 +53,7 @@ from flowopd.models.policy import Conditioning, index_cond
 from flowopd.rewards import ANY_TASK, Reward, RewardOutput
 from flowopd.scorers.base import Scorer
 from flowopd.train.config import ConfigError, load_config, to_dict
+from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients, task_reward_metrics
 from flowopd.train.lora import (
     EMA,
     LORA_TARGET_MODULES,
@@ -193,6 +194,10 @@ class GRPOConfig:
     eval_batch_size: int = _help(8, "Batch size of evaluation sampling.")
     tensorboard: bool = _help(True, "Write tensorboard events to <output_dir>/tensorboard.")
     progress: bool = _help(True, "Show a progress bar.")
+    # --- diagnostics (flowopd.train.diagnostics)
+    grad_cosine_every: int = _help(0, "Every N iterations, the cosines between the task losses' gradients on the "
+                                   "adapter, from a probe batch per task (logged, grad_cosines.csv); 0 = off.")
+    grad_cosine_prompts: int = _help(2, "Prompts per task (x group_size samples) of the gradient-cosine probe.")
 
 
 @dataclass
@@ -262,16 +267,21 @@ class PromptSampler:
         out: list[dict[str, Any]] = [{}] * n
         for src in dict.fromkeys(which.tolist()):
             slots = np.flatnonzero(which == src)
-            pool, fn, s = self.pools[src], self.fns[src], self.sources[src]
-            if pool is not None:
-                picks = [pool[j] for j in rng.choice(len(pool), size=len(slots), replace=len(slots) > len(pool))]
-            else:
-                picks = [fn(rng, **s.sampler_args) for _ in slots]
-            for slot, meta in zip(slots, picks):
-                if not isinstance(meta.get("prompt"), str):
-                    raise ValueError(f"prompt source {src} (task {s.task!r}) gave an item without a 'prompt'")
-                out[slot] = {**meta, "task": s.task}
+            for slot, meta in zip(slots, self.draw_source(rng, src, len(slots))):
+                out[slot] = meta
         return out
+
+    def draw_source(self, rng: np.random.Generator, src: int, n: int) -> list[dict[str, Any]]:
+        """``n`` prompt metadata dicts from source ``src`` (an index into ``sources``), with its ``task``."""
+        pool, fn, s = self.pools[src], self.fns[src], self.sources[src]
+        if pool is not None:
+            picks = [pool[j] for j in rng.choice(len(pool), size=n, replace=n > len(pool))]
+        else:
+            picks = [fn(rng, **s.sampler_args) for _ in range(n)]
+        for meta in picks:
+            if not isinstance(meta.get("prompt"), str):
+                raise ValueError(f"prompt source {src} (task {s.task!r}) gave an item without a 'prompt'")
+        return [{**meta, "task": s.task} for meta in picks]
 
 
 def plan_iteration(config: GRPOConfig, sampler: PromptSampler, rng: np.random.Generator, iteration: int) -> IterationPlan:
@@ -288,6 +298,24 @@ def plan_iteration(config: GRPOConfig, sampler: PromptSampler, rng: np.random.Ge
         sde_seeds=rng.integers(0, 2**31 - 1, size=p * k),
         sde_steps=sde_window(config.num_steps, config.sde_window_size, config.sde_window_range, rng),
         shuffle_seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def plan_probe(config: GRPOConfig, sampler: PromptSampler, iteration: int) -> IterationPlan:
+    """The gradient-cosine probe of ``iteration`` (flowopd.train.diagnostics): ``grad_cosine_prompts`` prompts x
+    ``group_size`` samples from every prompt source, drawn from a generator of its own seeded by (seed,
+    iteration), so that the training run is the same with the probe on or off."""
+    rng = np.random.default_rng([config.seed, iteration, 1])
+    prompts = [m for src in range(len(sampler.sources))
+               for m in sampler.draw_source(rng, src, config.grad_cosine_prompts)]
+    k, n = config.group_size, len(prompts) * config.group_size
+    return IterationPlan(
+        metas=[m for m in prompts for _ in range(k)],
+        group_ids=np.repeat(np.arange(len(prompts)), k),
+        noise_seeds=rng.integers(0, 2**31 - 1, size=n),
+        sde_seeds=rng.integers(0, 2**31 - 1, size=n),
+        sde_steps=sde_window(config.num_steps, config.sde_window_size, config.sde_window_range, rng),
+        shuffle_seed=0,
     )
 
 
@@ -323,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``grpo CONFIG [key=value ...]`` (the arguments after the subcommand)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help") or "=" in args[0]:
-        print("usage: python -m flowopd.train grpo CONFIG.toml [key=value ...]\n\n" + describe_fields())
+        print("usage: python -m flowopd.train grpo CONFIG.toml [key=value ...]\n\n" + describe_fields(GRPOConfig))
         return 0 if args and args[0] in ("-h", "--help") else 2
     result = train(load_config(GRPOConfig, args[0], args[1:]))
     last = result.checkpoints[-1] if result.checkpoints else None
@@ -334,9 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def describe_fields() -> str:
+def describe_fields(cls: type) -> str:
+    """Every field of the config dataclass ``cls`` with its default and help text (the ``--help`` of a recipe)."""
     lines = ["keys (default): help"]
-    for f in dataclasses.fields(GRPOConfig):
+    for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
@@ -418,6 +447,7 @@ def _train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
     writer = _writer(out_dir, start) if config.tensorboard and main_process else None
+    cosines = GradientCosineCSV(out_dir / "grad_cosines.csv", start) if config.grad_cosine_every and main_process else None
     history: list[dict[str, float]] = []
     checkpoints: list[Path] = []
     if config.eval_every and config.eval_benchmarks and resume_dir is None:
@@ -433,10 +463,13 @@ def _train(
         for iteration in range(start + 1, config.num_iterations + 1):
             t0 = time.perf_counter()
             plan = plan_iteration(config, sampler, rng, iteration)
+            probe = {}
+            if config.grad_cosine_every and iteration % config.grad_cosine_every == 0:
+                probe = _gradient_probe(config, accelerator, policy, model, named, sampler, reward, iteration, cosines)
             n_local = total // accelerator.num_processes
             local = np.arange(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
             traj, cond, rewards, timing = _rollout(config, policy, model, plan, local, reward, executor)
-            metrics = _reward_metrics(accelerator, plan, rewards, reward.keys)
+            metrics = {**_reward_metrics(accelerator, plan, rewards, reward.keys), **probe}
             total_r = metrics.pop("_total")
             adv, keep = compute_advantages(total_r, plan.group_ids, config.adv_clip_max, config.advantage_std)
             metrics["advantage/abs_mean"] = float(np.abs(adv[keep]).mean()) if keep.any() else 0.0
@@ -475,7 +508,7 @@ def _train(
     return GRPOResult(out_dir, max(start, config.num_iterations), step, history, checkpoints, policy)
 
 
-def _check(config: GRPOConfig) -> None:
+def _check(config: GRPOConfig, require_reward: bool = True) -> None:
     choices = {"mixed_precision": _DTYPES, "sde_type": ("sde", "cps"), "log_prob_reduction": ("mean", "sum"),
                "advantage_std": ("batch", "group"), "mix": ("iteration", "prompt")}
     for name, allowed in choices.items():
@@ -494,8 +527,16 @@ def _check(config: GRPOConfig) -> None:
         if end >= config.num_steps:
             raise ConfigError("sde_type = 'cps': the last step (to t = 0) is deterministic and has no log-prob; keep it "
                               "out of the trained steps (timestep_fraction < 1, or sde_window_range ending before num_steps)")
-    if not config.reward.weights and not config.reward.tasks:
+    if config.grad_cosine_every < 0 or config.grad_cosine_prompts < 1:
+        raise ConfigError(f"need grad_cosine_every >= 0 and grad_cosine_prompts >= 1, got {config.grad_cosine_every}, "
+                          f"{config.grad_cosine_prompts}")
+    if require_reward and not has_reward(config.reward):
         raise ConfigError("no reward: set reward.weights = {scorer = weight} or [reward.tasks.<task>]")
+
+
+def has_reward(reward: RewardConfig) -> bool:
+    """Whether the recipe configures a reward (OPD may run without one)."""
+    return bool(reward.weights or reward.tasks)
 
 
 def _reward_tasks(reward: RewardConfig) -> dict[str, dict[str, float]]:
@@ -532,10 +573,11 @@ def _rollout(
     model: torch.nn.Module,
     plan: IterationPlan,
     local: np.ndarray,
-    reward: Reward,
+    reward: Reward | None,
     executor: ThreadPoolExecutor | None,
-) -> tuple[Trajectory, Conditioning, RewardOutput, dict[str, float]]:
-    """Sample this process's share in batches; score each batch (in the background when asked)."""
+) -> tuple[Trajectory, Conditioning, RewardOutput | None, dict[str, float]]:
+    """Sample this process's share in batches; score each batch (in the background when asked; not at all
+    without a reward)."""
     model.eval()
     with _unwrapped(policy, model):
         return _sample_and_score(config, policy, plan, local, reward, executor)
@@ -546,9 +588,9 @@ def _sample_and_score(
     policy: Any,
     plan: IterationPlan,
     local: np.ndarray,
-    reward: Reward,
+    reward: Reward | None,
     executor: ThreadPoolExecutor | None,
-) -> tuple[Trajectory, Conditioning, RewardOutput, dict[str, float]]:
+) -> tuple[Trajectory, Conditioning, RewardOutput | None, dict[str, float]]:
     parts, conds, futures = [], [], []
     t0 = time.perf_counter()
     b = config.sample_batch_size
@@ -564,7 +606,9 @@ def _sample_and_score(
                                      config.sde_type)
         # the scorer keeps the images; training does not (an empty tensor, not a view that pins their storage)
         images, traj.images = traj.images, traj.images.new_empty((0, *traj.images.shape[1:]))
-        if executor is not None:
+        if reward is None:
+            pass
+        elif executor is not None:
             futures.append(executor.submit(_score, reward, images, texts, metas))
         else:
             done: Future = Future()
@@ -575,7 +619,7 @@ def _sample_and_score(
     t1 = time.perf_counter()
     outs = [f.result() for f in futures]
     t2 = time.perf_counter()
-    rewards = RewardOutput(
+    rewards = None if reward is None else RewardOutput(
         total=np.concatenate([o.total for o in outs]),
         terms={k: np.concatenate([o.terms[k] for o in outs]) for k in reward.keys},
         tasks=[t for o in outs for t in o.tasks],
@@ -598,10 +642,7 @@ def _reward_metrics(accelerator: Any, plan: IterationPlan, rewards: RewardOutput
     metrics: dict[str, Any] = {"_total": total, "reward/total": _nanmean(total), "reward/std": _nanstd(total)}
     for j, key in enumerate(keys, start=1):
         metrics[f"reward/{key}"] = _nanmean(values[:, j])
-    tasks = [m["task"] for m in plan.metas]
-    if len(set(tasks)) > 1:
-        for task in sorted(set(tasks)):
-            metrics[f"reward_task/{task}"] = _nanmean(total[np.asarray(tasks) == task])
+    metrics.update(task_reward_metrics(total, [m["task"] for m in plan.metas]))
     groups = np.unique(plan.group_ids)
     zero_std = [np.nanstd(total[plan.group_ids == g]) == 0 for g in groups]
     metrics["train/zero_std_groups"] = float(np.mean(zero_std))
@@ -674,6 +715,47 @@ def _train_iteration(
     if lrs:
         out["train/lr"] = float(lrs[-1])
     return out, step
+
+
+def _gradient_probe(
+    config: GRPOConfig,
+    accelerator: Any,
+    policy: Any,
+    model: torch.nn.Module,
+    named: Sequence[tuple[str, torch.nn.Parameter]],
+    sampler: PromptSampler,
+    reward: Reward,
+    iteration: int,
+    csv: GradientCosineCSV | None,
+) -> dict[str, float]:
+    """GRPO-Mix's task-gradient cosines (flowopd.train.diagnostics) on a probe batch, main process only: each
+    task's loss is the clipped surrogate with its samples' group advantages (the KL term left out)."""
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        plan = plan_probe(config, sampler, iteration)
+        model.eval()
+        with _unwrapped(policy, model):
+            traj, cond, rewards, _ = _sample_and_score(config, policy, plan, np.arange(len(plan.metas)), reward, None)
+            adv = torch.as_tensor(compute_advantages(rewards.total, plan.group_ids, config.adv_clip_max,
+                                                     config.advantage_std)[0])
+
+            def task_loss(idx: torch.Tensor, j: int) -> torch.Tensor:
+                new = step_log_prob(policy, traj.states[idx, j], traj.times[j], traj.next_times[j],
+                                    traj.next_states[idx, j], index_cond(cond, idx), config.guidance_scale,
+                                    config.noise_level, config.sde_type, config.log_prob_reduction,
+                                    config.cfg_detach_uncond)
+                return grpo_loss(new.log_prob, traj.log_probs[idx, j], adv[idx], beta=0.0,
+                                 clip_range=config.clip_range, adv_clip=config.adv_clip_max)[0]
+
+            positions = trained_positions(config.num_steps, len(traj.step_indices), config.timestep_fraction,
+                                          config.sde_window_size > 0)
+            grads = probe_task_gradients(task_loss, [m["task"] for m in plan.metas], positions,
+                                         [p for _, p in named], config.sample_batch_size)
+        metrics = grads.metrics()
+        if csv is not None:
+            csv.write(iteration, grads.cosines())
+    accelerator.wait_for_everyone()
+    return metrics
 
 
 @contextlib.contextmanager

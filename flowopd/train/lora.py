@@ -119,10 +119,15 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def save_adapter(model: nn.Module, path: str | Path) -> Path:
-    """Write the adapter in peft's format into directory ``path`` (adapter_config.json, adapter_model.safetensors)."""
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
+    """Write one adapter in peft's format into directory ``path`` (adapter_config.json, adapter_model.safetensors).
+
+    Only ``adapter_name`` is written: OPD loads its teachers as further adapters of the same model, and
+    peft would otherwise save each of them into a subdirectory.
+    """
     path = Path(path)
-    unwrap(model).save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
+    unwrap(model).save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False,
+                                  selected_adapters=[adapter_name])
     return path
 
 

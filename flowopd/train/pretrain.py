@@ -59,6 +59,8 @@ class PretrainConfig:
     """AdamW betas."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
+    text_share: float = 0.25
+    """Share of text (OCR) prompts in the training stream; the rest are GenEval-style prompts."""
     prompt_dropout: float = 0.1
     """Share of prompts replaced by the empty prompt (trains the unconditional velocity used by CFG)."""
     time_sampling: str = "logit_normal"
@@ -110,12 +112,14 @@ def flow_matching_loss(
     return (policy(x_t, t, tokens, mask) - (noise - x0)).pow(2).mean()
 
 
-def render_batch_x0(n: int, rng: np.random.Generator) -> tuple[list[str], torch.Tensor]:
-    """``n`` train prompts and their rendered images scaled to [-1, 1]."""
+def render_batch_x0(n: int, rng: np.random.Generator, text_share: float = 0.25) -> tuple[list[str], torch.Tensor]:
+    """``n`` train prompts (a share ``text_share`` of text prompts) and their renderings scaled to [-1, 1]."""
     from flowopd.world.grammar import sample_prompt
     from flowopd.world.render import render_batch
 
-    metas = [sample_prompt(rng, split="train") for _ in range(n)]
+    metas = [
+        sample_prompt(rng, split="train", task="ocr" if rng.random() < text_share else "geneval") for _ in range(n)
+    ]
     images = render_batch(metas, rng)
     return [m["prompt"] for m in metas], images * 2 - 1
 
@@ -156,7 +160,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         log = csv.writer(log_file)
         start = time.perf_counter() - seconds
         while step < cfg.max_steps:
-            prompts, x0 = render_batch_x0(cfg.batch_size, rng)
+            prompts, x0 = render_batch_x0(cfg.batch_size, rng, cfg.text_share)
             tokens, mask = tokenizer(prompts)
             drop = torch.rand(cfg.batch_size, generator=generator) < cfg.prompt_dropout
             tokens = torch.where(drop[:, None], empty_tokens, tokens)

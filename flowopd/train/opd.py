@@ -1,0 +1,718 @@
+"""Flow-OPD: multi-teacher on-policy distillation with task routing and MAR (METHOD.md s.2-3).
+
+``python -m flowopd.train opd CONFIG.toml [key=value ...]`` (``accelerate launch -m flowopd.train opd ...``).
+
+One iteration, on the GRPO loop's machinery (flowopd.train.grpo: prompt sampling, rollouts, micro-batches,
+checkpoints with exact resume, logging, evaluation):
+
+1. draw prompts from the recipe's task-tagged sources and repeat each ``group_size`` times. ``mix = "prompt"``
+   (default) mixes the tasks in every iteration and routes per sample; ``mix = "iteration"`` alternates whole
+   iterations between the tasks, as the public code alternates epochs between its task datasets;
+2. the student samples G SDE trajectories per prompt, recording the trained steps (with a reward configured,
+   the images are scored too: per-task reward curves, and the task advantage of mode ``"mixed"``);
+3. at every trained step of every sample the router (:func:`route_to_teacher`) picks the teacher of the
+   sample's task (``metadata["task"]``); the teacher's guided velocity at the *student's* state (same CFG,
+   no gradient) gives its kernel mean, and ``KL_t = KL(student step || teacher step)`` (:func:`step_kl`,
+   ``= w(t) |dt| ||v_student - v_teacher||^2`` summed over the latent, METHOD.md s.3);
+4. the loss is :func:`flowopd.train.losses.opd_loss`: the clipped surrogate with the dense advantage
+   ``A_t = clip(-KL_t, +-5)`` (``kl_only``: detached, the paper; ``pathwise``: attached, the public code;
+   ``gkd``: mean KL_t, no ratio; ``mixed``: task GRPO advantage - KL_t), plus MAR,
+   ``mar_weight * KL(student || anchor)`` on every sample;
+5. AdamW updates with grad-norm clipping, EMA of the adapter, checkpoints, evaluation and logs as in GRPO.
+
+**The step advantage has a zero-mean gradient.** ``KL_t`` depends on the state ``x_t`` only, while the
+step's action is ``x_{t+1}``, and ``E[grad log pi(x_{t+1} | x_t)] = 0`` under the sampling policy. With the
+advantage ``-KL_t`` detached (``kl_only``, the paper as METHOD.md s.3 decides) the surrogate's expected
+gradient is therefore zero at the first update of every batch: in expectation the student is moved by MAR
+(toward the anchor) alone, and in the public code by its attached ``grad KL_t`` (``pathwise``, a GKD term).
+``kl_advantage = "to_go"`` (opt-in) gives step ``t`` the return-to-go ``-(KL_t + sum_{s > t} KL_s)`` of the
+sampled trajectory (:func:`future_kl`), whose later terms the action does change.
+
+**One base network.** Student, teachers and anchor are LoRA adapters on one frozen base network: each
+teacher adapter is loaded under its own adapter name (peft multi-adapter, :class:`TeacherSet`), the router
+switches the active adapter, and the anchor ``"base"`` is the base with every adapter disabled. The public
+code holds one more full transformer per teacher, in float32. The memory saved on the frozen networks is
+
+    saved = N * P_base * 4 bytes - sum_k P_k * b_k
+
+with ``N`` the frozen networks besides the student (one per distinct teacher adapter, plus the anchor when it
+is an adapter of its own), ``P_base`` the parameters of the velocity network (SD3.5-M's transformer:
+2.24e9, 8.9 GB per float32 copy), ``P_k`` the parameters of adapter ``k`` (rank 32 on SD3.5-M's attention
+projections: 18.9e6, 76 MB in float32) and ``b_k`` its bytes per parameter. With the paper's four teachers
+and the base as anchor that is 35.8 GB - 0.3 GB. It is logged at start-up and written to
+``<output_dir>/memory.json`` (:func:`shared_base_memory`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowopd.models.policy import Conditioning, index_cond
+from flowopd.rewards import Reward
+from flowopd.scorers.base import Scorer
+from flowopd.sde import StepOutput, kernel_kl
+from flowopd.train.config import ConfigError, load_config, to_dict
+from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients
+from flowopd.train.grpo import (
+    GRPOConfig,
+    GRPOResult,
+    PromptSampler,
+    _build_policy,
+    _check,
+    _evaluate,
+    _log,
+    _resume_dir,
+    _reward_metrics,
+    _reward_tasks,
+    _rollout,
+    _sample_and_score,
+    _unwrapped,
+    _writer,
+    compute_advantages,
+    describe_fields,
+    has_reward,
+    load_checkpoint,
+    micro_batches,
+    plan_iteration,
+    plan_probe,
+    save_checkpoint,
+)
+from flowopd.train.grpo import _help as _field
+from flowopd.train.lora import EMA, lora_parameters, set_trainable_module, unwrap
+from flowopd.train.losses import Stats, opd_loss, reference_kl
+from flowopd.train.rollout import Trajectory, step_log_prob, trained_positions
+
+OPD_MODES = ("kl_only", "pathwise", "gkd", "mixed")
+KL_SCALES = ("mean", "sum", "public")
+#: The anchor value meaning "the base network with every adapter disabled".
+BASE_ANCHOR = "base"
+#: peft's name of the first (trainable) adapter: the student.
+STUDENT = "default"
+
+
+@dataclass
+class OPDConfig(GRPOConfig):
+    """Flow-OPD. Every GRPOConfig field applies (model, LoRA, sampling, optimisation, checkpoints, logging);
+    the defaults below are the public multi-teacher settings (Flow-OPD ``config/grpo.py`` ``mix_opd_8gpu``:
+    16 prompts x 16 images per epoch, lr 1e-4, clip 1e-4, advantages clipped to +-5, KL weight 0.04 to the
+    base, EMA) and METHOD.md s.3. The student starts from ``lora_path`` (the cold start: a merged adapter or
+    the SFT adapter) or, without it, from a fresh adapter (B = 0, i.e. the base)."""
+
+    output_dir: str = _field("runs/opd", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
+    group_size: int = _field(16, "Student rollouts per prompt G (published 16 for OPD).")
+    prompts_per_iteration: int = _field(16, "Distinct prompts per iteration (public mix_opd_8gpu: 16 x 16 = 256 "
+                                        "images per epoch on 8 GPUs).")
+    sample_batch_size: int = _field(4, "Images per sampling batch per process (public OPD: 4).")
+    learning_rate: float = _field(1e-4, "AdamW learning rate (published 1e-4 for OPD).")
+    mix: str = _field("prompt", "'prompt': every iteration mixes the tasks, each sample routed to its teacher "
+                      "(the paper's one-hot routing, our default); 'iteration': whole iterations alternate "
+                      "between the tasks by integer weights (the public code's per-epoch alternation).")
+    beta: float = _field(0.0, "Unused by OPD (must stay 0): its regulariser is MAR, see mar_weight and anchor.")
+    teachers: dict[str, str] = _field({}, "Task -> teacher adapter (peft directory or mini:NAME) on the same base "
+                                      "as `model`; every prompt source's task needs one.")
+    anchor: str = _field(BASE_ANCHOR, "MAR's frozen anchor: 'base' (the base network, adapters disabled; the "
+                         "public default) or an adapter directory / mini:NAME.")
+    mar_weight: float = _field(0.04, "MAR weight lambda of KL(student || anchor) on every sample (public beta "
+                               "0.04); 0 = no MAR.")
+    mode: str = _field("kl_only", "'kl_only' (the paper: A_t = -KL_t detached, gradient through the ratio only), "
+                       "'pathwise' (the public code: A_t attached), 'gkd' (loss = mean KL_t, no ratio), 'mixed' "
+                       "(task GRPO advantage - KL_t; needs a reward).")
+    kl_grad: str = _field("detached", "Mode 'mixed' only: 'detached' or 'pathwise' KL part of the advantage.")
+    kl_scale: str = _field("mean", "Scale of KL_t: 'mean' (exact kernel KL per latent element, the scale of the "
+                           "per-element log-prob; advantages rarely reach the +-5 clip), 'sum' (exact kernel KL, "
+                           "summed), 'public' (the public code: per element, over 2 sigma_t^2, = 'mean' x |dt|).")
+    mar_scale: str = _field("public", "Scale of MAR's KL, as kl_scale; 'public' is the scale its weight 0.04 "
+                            "was tuned at (Flow-GRPO's KL loss).")
+    kl_advantage: str = _field("step", "'step': A_t = -KL_t (the paper); 'to_go': A_t = -(KL_t + sum of the later "
+                               "recorded steps' KL), the return-to-go of the dense reward (see the module docstring: "
+                               "a step's own KL_t does not depend on its action, so 'step' with a detached KL gives a "
+                               "zero-mean policy gradient). Costs one more teacher pass over the recorded steps.")
+
+
+def route_to_teacher(metadata: Mapping[str, Any], teachers: Mapping[str, str]) -> str:
+    """The adapter name of the teacher of the prompt's task (``metadata["task"]``): one-hot routing, METHOD.md s.2."""
+    task = metadata.get("task")
+    if task not in teachers:
+        raise KeyError(
+            f"no teacher for task {task!r} (prompt {metadata.get('prompt')!r}); the recipe has teachers for "
+            f"{sorted(teachers)}: add teachers.{task} = ADAPTER_DIR or give the prompt source another task"
+        )
+    return teachers[task]
+
+
+def step_kl(student: StepOutput, other_mean: torch.Tensor, scale: str = "mean") -> torch.Tensor:
+    """Per-sample KL(student step || other step) from the two kernel means (same state, same std), METHOD.md s.3.
+
+    ``"sum"``: the exact kernel KL ``||m_s - m_o||^2 / (2 std^2)``, which for the SDE step is
+    ``w(t) |dt| ||v_s - v_o||^2``; ``"mean"``: the same per latent element (divided by D); ``"public"``:
+    the public code's ``mean((m_s - m_o)^2) / (2 sigma_t^2)`` (``"mean"`` times ``|dt|``). Gradients reach
+    it through ``student.mean``.
+    """
+    return kernel_step_kl(student.mean, other_mean, student.std, student.sigma, scale)
+
+
+def kernel_step_kl(mean: torch.Tensor, other_mean: torch.Tensor, std: torch.Tensor, sigma: torch.Tensor,
+                   scale: str = "mean") -> torch.Tensor:
+    """:func:`step_kl` from the kernel's parts: ``std`` the kernel std, ``sigma`` the SDE's ``sigma_t``."""
+    if scale in ("mean", "sum"):
+        return kernel_kl(mean, other_mean, std, scale)
+    if scale == "public":
+        return reference_kl(mean, other_mean, sigma, reduction="none")
+    raise ValueError(f"step_kl: scale must be one of {KL_SCALES}, got {scale!r}")
+
+
+@contextlib.contextmanager
+def adapter_active(model: torch.nn.Module, name: str | None) -> Iterator[None]:
+    """Run ``model`` with adapter ``name`` active (``None``: every adapter disabled, the base network).
+
+    peft's ``set_adapter`` also makes the adapter it activates trainable; the ``requires_grad`` flags are
+    restored on exit, so the student stays the only trainable adapter.
+    """
+    peft_model = unwrap(model)
+    if name is None:
+        with peft_model.disable_adapter():
+            yield
+        return
+    previous = peft_model.active_adapter
+    flags = [(p, p.requires_grad) for n, p in peft_model.named_parameters() if ".lora_" in n]
+    peft_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def shared_base_memory(model: torch.nn.Module, adapters: Sequence[str]) -> dict[str, float]:
+    """Memory of the frozen networks ``adapters`` kept as adapters on the student's base, against one full
+    float32 copy of the velocity network each (the public code's layout); see the module docstring.
+
+    Returns the counts and bytes: ``base_parameters`` (P_base, LoRA weights excluded), ``copies`` (N),
+    ``full_copies_bytes`` (N * P_base * 4), ``adapter_parameters`` and ``adapter_bytes`` (sum over the
+    adapters), ``saved_bytes`` (the difference).
+    """
+    peft_model = unwrap(model)
+    base = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" not in n)
+    params = bytes_ = 0
+    for name in adapters:
+        own = [p for n, p in peft_model.named_parameters() if f".{name}." in n and ".lora_" in n]
+        if not own:
+            raise KeyError(f"shared_base_memory: the model has no adapter named {name!r}")
+        params += sum(p.numel() for p in own)
+        bytes_ += sum(p.numel() * p.element_size() for p in own)
+    copies = len(adapters) * base * 4
+    return {"base_parameters": base, "copies": len(adapters), "full_copies_bytes": copies,
+            "adapter_parameters": params, "adapter_bytes": bytes_, "saved_bytes": copies - bytes_}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.3g} MiB"
+
+
+class TeacherSet:
+    """The teachers (one adapter per distinct checkpoint) and the anchor, loaded onto the student's peft model.
+
+    Args:
+        model: the student's peft model (before accelerate wraps it).
+        teachers: task -> adapter checkpoint (directory or ``mini:NAME``).
+        anchor: ``"base"`` or an adapter checkpoint (reused when it is one of the teachers').
+        base_model: the student's base checkpoint; every adapter's ``base_model_name_or_path`` must name it.
+    """
+
+    def __init__(self, model: torch.nn.Module, teachers: Mapping[str, str], anchor: str, base_model: str) -> None:
+        peft_model = unwrap(model)
+        self.adapter_of: dict[str, str] = {}  # task -> adapter name
+        loaded: dict[str, str] = {}  # checkpoint -> adapter name
+        for task, checkpoint in sorted(teachers.items()):
+            if checkpoint not in loaded:
+                loaded[checkpoint] = _load_frozen_adapter(peft_model, checkpoint, f"teacher_{task}", base_model,
+                                                          f"teachers.{task}")
+            self.adapter_of[task] = loaded[checkpoint]
+        if anchor == BASE_ANCHOR:
+            self.anchor: str | None = None
+        elif anchor in loaded:
+            self.anchor = loaded[anchor]
+        else:
+            self.anchor = _load_frozen_adapter(peft_model, anchor, "anchor", base_model, "anchor")
+        self.frozen = sorted(set(loaded.values()) | ({self.anchor} if self.anchor else set()))
+
+    def route_to_teacher(self, metadata: Mapping[str, Any]) -> str:
+        return route_to_teacher(metadata, self.adapter_of)
+
+    def routes(self, metas: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """``{adapter name: indices of the samples it labels}`` for a batch."""
+        names = [self.route_to_teacher(m) for m in metas]
+        return {name: torch.as_tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
+                for name in sorted(set(names))}
+
+    @torch.no_grad()
+    def kernel_means(
+        self,
+        config: OPDConfig,
+        policy: Any,
+        model: torch.nn.Module,
+        name: str | None,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_next: torch.Tensor,
+        next_x: torch.Tensor,
+        cond: Conditioning,
+    ) -> torch.Tensor:
+        """The step's kernel mean under adapter ``name`` (``None``: the base) at the given states, with CFG."""
+        with adapter_active(model, name):
+            return step_log_prob(policy, x, t, t_next, next_x, cond, config.guidance_scale, config.noise_level,
+                                 config.sde_type, config.log_prob_reduction).mean
+
+    @torch.no_grad()
+    def teacher_means(
+        self,
+        config: OPDConfig,
+        policy: Any,
+        model: torch.nn.Module,
+        routes: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_next: torch.Tensor,
+        next_x: torch.Tensor,
+        cond: Conditioning,
+    ) -> torch.Tensor:
+        """Each sample's routed teacher kernel mean (one forward per teacher on its samples)."""
+        out: torch.Tensor | None = None
+        for name, idx in routes.items():
+            i = idx.to(x.device)
+            mean = self.kernel_means(config, policy, model, name, x[i], t, t_next, next_x[i], index_cond(cond, i))
+            if out is None:
+                out = torch.empty((x.shape[0], *mean.shape[1:]), dtype=mean.dtype, device=mean.device)
+            out[i] = mean
+        if out is None:
+            raise ValueError("teacher_means: empty batch")
+        return out
+
+
+def _load_frozen_adapter(peft_model: Any, checkpoint: str, name: str, base_model: str, key: str) -> str:
+    from flowopd.models.loading import adapter_base, checkpoint_dir
+
+    path = checkpoint_dir(checkpoint)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{key} = {checkpoint!r}: no peft adapter at {path} (expected adapter_config.json)")
+    base = adapter_base(checkpoint, base=None)
+    if not _same_checkpoint(base, base_model):
+        raise ConfigError(f"{key} = {checkpoint!r} is an adapter of {base!r} but the student's model is "
+                          f"{base_model!r}: teachers, anchor and student must share one base network")
+    peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    return name
+
+
+def _same_checkpoint(a: str, b: str) -> bool:
+    from flowopd.models.loading import checkpoint_dir
+
+    if a == b:
+        return True
+    pa, pb = checkpoint_dir(a), checkpoint_dir(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+@torch.no_grad()
+def future_kl(
+    config: OPDConfig,
+    policy: Any,
+    model: torch.nn.Module,
+    teachers: TeacherSet,
+    traj: Trajectory,
+    cond: Conditioning,
+    metas: Sequence[Mapping[str, Any]],
+) -> torch.Tensor:
+    """``(N, S)``: for each recorded step j, the sum of ``KL_s`` over the later recorded steps ``s > j`` of the
+    sampled trajectories (the sampling student's recorded kernel means against the routed teachers').
+
+    ``kl_advantage = "to_go"`` adds it to the step's own ``KL_t``: the return-to-go of the dense reward
+    ``-KL``. Action j draws ``x_{j+1}``, which changes the later KLs but not ``KL_j`` (a function of ``x_j``).
+    """
+    n, steps = traj.log_probs.shape
+    kl = torch.zeros(n, steps, dtype=torch.float32)
+    for start in range(0, n, config.sample_batch_size):
+        ids = torch.arange(start, min(n, start + config.sample_batch_size))
+        routes = teachers.routes([metas[i] for i in ids.tolist()])
+        cond_b = index_cond(cond, ids.to(traj.states.device))
+        for j in range(steps):
+            t, t_next = traj.times[j], traj.next_times[j]
+            teacher = teachers.teacher_means(config, policy, model, routes, traj.states[ids, j], t, t_next,
+                                             traj.next_states[ids, j], cond_b)
+            std = traj.stds[ids, j].reshape(-1, *([1] * (teacher.ndim - 1))).to(teacher)
+            sigma = std / torch.sqrt(t - t_next).to(std) if config.sde_type == "sde" else std
+            kl[ids, j] = kernel_step_kl(traj.means[ids, j].to(teacher), teacher, std, sigma, config.kl_scale).cpu().float()
+    later = kl.flip(1).cumsum(1).flip(1) - kl  # sum over s > j
+    return later
+
+
+def opd_step_loss(
+    config: OPDConfig,
+    policy: Any,
+    model: torch.nn.Module,
+    teachers: TeacherSet,
+    routes: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    t_next: torch.Tensor,
+    next_x: torch.Tensor,
+    cond: Conditioning,
+    log_prob_old: torch.Tensor,
+    task_advantages: torch.Tensor | None = None,
+    mar: bool = True,
+    later_kl: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats, torch.Tensor]:
+    """OPD loss of one trained step on a micro-batch: ``(loss, stats, KL_t detached per sample)``.
+
+    The teachers' and the anchor's kernels come first, without gradient (switching adapters changes which
+    parameters require gradients, so no student graph may be alive meanwhile), then the student's with it.
+    ``mar=False`` leaves MAR out (the gradient-cosine probe). ``later_kl`` (from :func:`future_kl`) makes the
+    advantage the return-to-go ``-(KL_t + later_kl)``: through opd_loss's ``"mixed"`` path, whose external
+    advantage is then ``-later_kl`` (+ the task advantage in mode ``"mixed"``) and whose KL part stays
+    detached unless the mode is ``"pathwise"``.
+    """
+    mode, kl_grad = config.mode, (config.kl_grad if config.mode == "mixed" else None)
+    if later_kl is not None:
+        if mode == "gkd":
+            raise ValueError("kl_advantage = 'to_go' needs an advantage: not with mode 'gkd'")
+        task_advantages = -later_kl if task_advantages is None else task_advantages - later_kl
+        if mode != "mixed":
+            mode, kl_grad = "mixed", ("pathwise" if mode == "pathwise" else "detached")
+    teacher_mean = teachers.teacher_means(config, policy, model, routes, x, t, t_next, next_x, cond)
+    anchor_mean = None
+    if mar and config.mar_weight > 0:
+        anchor_mean = teachers.kernel_means(config, policy, model, teachers.anchor, x, t, t_next, next_x, cond)
+    new = step_log_prob(policy, x, t, t_next, next_x, cond, config.guidance_scale, config.noise_level,
+                        config.sde_type, config.log_prob_reduction, config.cfg_detach_uncond)
+    kl_t = step_kl(new, teacher_mean, config.kl_scale)
+    mar_kl = step_kl(new, anchor_mean, config.mar_scale) if anchor_mean is not None else None
+    loss, stats = opd_loss(new.log_prob, log_prob_old, kl_t, mode, config.clip_range, task_advantages, mar_kl,
+                           config.mar_weight, adv_clip=config.adv_clip_max, kl_grad=kl_grad)
+    return loss, stats, kl_t.detach()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``opd CONFIG [key=value ...]`` (the arguments after the subcommand)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or "=" in args[0]:
+        print("usage: python -m flowopd.train opd CONFIG.toml [key=value ...]\n\n" + describe_fields(OPDConfig))
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    result = train(load_config(OPDConfig, args[0], args[1:]))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        last = result.checkpoints[-1] if result.checkpoints else None
+        print(f"done: iteration {result.iteration}, {result.optimizer_step} optimizer steps; last checkpoint {last}")
+    return 0
+
+
+def train(
+    config: OPDConfig,
+    scorers: Mapping[str, Scorer] | None = None,
+    eval_scorers: Mapping[str, Scorer] | None = None,
+) -> GRPOResult:
+    """Run the recipe. ``scorers`` (by scorer name) and ``eval_scorers`` (by benchmark) may be injected."""
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, scorers, eval_scorers)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_config(config: OPDConfig) -> None:
+    """Errors that name the key at fault, before anything loads."""
+    _check(config, require_reward=config.mode == "mixed")
+    choices = {"mode": OPD_MODES, "kl_scale": KL_SCALES, "mar_scale": KL_SCALES, "kl_grad": ("detached", "pathwise"),
+               "kl_advantage": ("step", "to_go")}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(config, name)!r}")
+    if config.kl_grad != "detached" and config.mode != "mixed":
+        raise ConfigError(f"kl_grad = {config.kl_grad!r} applies to mode 'mixed' only (mode {config.mode!r} fixes it)")
+    if config.kl_advantage == "to_go" and config.mode == "gkd":
+        raise ConfigError("kl_advantage = 'to_go' shapes an advantage; mode 'gkd' has none (use 'step')")
+    if config.beta != 0:
+        raise ConfigError(f"beta = {config.beta}: OPD regularises with MAR; set mar_weight (and anchor) instead")
+    if config.mar_weight < 0:
+        raise ConfigError(f"mar_weight must be >= 0, got {config.mar_weight}")
+    if not config.teachers:
+        raise ConfigError("no teachers: add [teachers] with task = ADAPTER_DIR for every prompt source's task")
+    missing = sorted({s.task for s in config.prompts} - set(config.teachers))
+    if missing:
+        raise ConfigError(f"prompt sources of tasks {missing} have no teacher; teachers cover {sorted(config.teachers)}")
+
+
+def _train(
+    config: OPDConfig, scorers: Mapping[str, Scorer] | None, eval_scorers: Mapping[str, Scorer] | None
+) -> GRPOResult:
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from diffusers.optimization import get_scheduler
+
+    from flowopd.models.loading import checkpoint_dir
+
+    for module in config.imports:
+        importlib.import_module(module)
+    check_config(config)
+    n_train = len(trained_positions(config.num_steps, config.sde_window_size or config.num_steps,
+                                    config.timestep_fraction, config.sde_window_size > 0))
+    total = config.prompts_per_iteration * config.group_size
+    world = PartialState(cpu=config.cpu).num_processes
+    if total % (world * config.sample_batch_size):
+        raise ConfigError(f"prompts_per_iteration x group_size = {total} samples must split into {world} processes "
+                          f"x batches of sample_batch_size = {config.sample_batch_size}")
+    n_batches = total // (world * config.sample_batch_size)
+    if n_batches % config.updates_per_iteration:
+        raise ConfigError(f"{n_batches} sampling batches per process do not split into updates_per_iteration = "
+                          f"{config.updates_per_iteration} equal updates")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=n_batches // config.updates_per_iteration * n_train,
+        cpu=config.cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+    set_seed(config.seed)
+    out_dir = Path(config.output_dir)
+    sampler = PromptSampler(config.prompts, config.mix)
+
+    lora_path = str(checkpoint_dir(config.lora_path)) if config.lora_path else ""
+    policy, model = _build_policy(dataclasses.replace(config, lora_path=lora_path), accelerator.device)
+    teachers = TeacherSet(model, config.teachers, config.anchor, config.model)
+    memory = shared_base_memory(model, teachers.frozen)
+    named = lora_parameters(model)
+    optimizer = torch.optim.AdamW(
+        [p for _, p in named], lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+    )
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                              num_training_steps=config.num_iterations * config.updates_per_iteration)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_trainable_module(policy, model)
+    named = lora_parameters(model)
+    ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
+    reward = None
+    if has_reward(config.reward):
+        reward = Reward(_reward_tasks(config.reward), config.reward.scales, scorers, config.reward.scorer_options,
+                        config.reward.servers, accelerator.device)
+    rng = np.random.default_rng(config.seed)
+
+    start, step = 0, 0
+    resume_dir = _resume_dir(config, out_dir)
+    if resume_dir is not None:
+        start, step = load_checkpoint(resume_dir, accelerator, named, optimizer, scheduler, ema, rng)
+    main_process = accelerator.is_main_process
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
+        (out_dir / "memory.json").write_text(json.dumps({"frozen_adapters": teachers.frozen, **memory}, indent=1) + "\n")
+        print(f"opd: {memory['copies']} frozen networks ({', '.join(teachers.frozen)}) kept as adapters on one "
+              f"base of {memory['base_parameters']:,} parameters: {_mib(memory['adapter_bytes'])} instead of "
+              f"{_mib(memory['full_copies_bytes'])} of float32 copies, {_mib(memory['saved_bytes'])} saved",
+              file=sys.stderr)
+    writer = _writer(out_dir, start) if config.tensorboard and main_process else None
+    cosines = GradientCosineCSV(out_dir / "grad_cosines.csv", start) if config.grad_cosine_every and main_process else None
+    history: list[dict[str, float]] = []
+    checkpoints: list[Path] = []
+    if config.eval_every and config.eval_benchmarks and resume_dir is None:
+        history.append(_log({"iteration": 0, **_evaluate(config, policy, model, named, ema, 0, eval_scorers,
+                                                          accelerator)}, writer, out_dir, main_process))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.num_iterations, initial=start, desc="opd", unit="it",
+               disable=not (config.progress and accelerator.is_local_main_process))
+    executor = ThreadPoolExecutor(config.reward_workers) if config.reward_workers > 0 and reward is not None else None
+    try:
+        for iteration in range(start + 1, config.num_iterations + 1):
+            t0 = time.perf_counter()
+            plan = plan_iteration(config, sampler, rng, iteration)
+            metrics: dict[str, Any] = {}
+            if config.grad_cosine_every and iteration % config.grad_cosine_every == 0:
+                metrics.update(_gradient_probe(config, accelerator, policy, model, teachers, named, sampler, reward,
+                                               iteration, cosines))
+            n_local = total // accelerator.num_processes
+            local = np.arange(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
+            traj, cond, rewards, timing = _rollout(config, policy, model, plan, local, reward, executor)
+            task_adv = None
+            if rewards is not None:
+                metrics.update(_reward_metrics(accelerator, plan, rewards, reward.keys))
+                total_r = metrics.pop("_total")
+                if config.mode == "mixed":
+                    adv, _ = compute_advantages(total_r, plan.group_ids, config.adv_clip_max, config.advantage_std)
+                    task_adv = torch.as_tensor(adv[local])
+            metas_local = [plan.metas[i] for i in local]
+            later = None
+            if config.kl_advantage == "to_go":
+                later = future_kl(config, policy, model, teachers, traj, cond, metas_local)
+            t1 = time.perf_counter()
+            # every sample carries a dense KL advantage: none is dropped
+            batches = micro_batches(np.ones(len(local), dtype=bool), n_batches,
+                                    np.random.default_rng([plan.shuffle_seed, accelerator.process_index]))
+            stats, step = _train_iteration(config, accelerator, policy, model, teachers, named, optimizer, scheduler,
+                                           ema, traj, cond, metas_local, task_adv, later, batches, step)
+            metrics.update(stats)
+            del traj, cond
+            metrics.update({"time/sample_s": timing["sample"], "time/reward_wait_s": timing["reward_wait"],
+                            "time/train_s": time.perf_counter() - t1})
+            if iteration % config.save_every == 0 or iteration == config.num_iterations:
+                path = out_dir / "checkpoints" / f"iteration-{iteration:06d}"
+                save_checkpoint(path, accelerator, model, named, optimizer, scheduler, ema, rng,
+                                {"iteration": iteration, "optimizer_step": step}, config)
+                checkpoints.append(path)
+            if config.eval_every and config.eval_benchmarks and (
+                iteration % config.eval_every == 0 or iteration == config.num_iterations
+            ):
+                metrics.update(_evaluate(config, policy, model, named, ema, iteration, eval_scorers, accelerator))
+            metrics.update({"iteration": iteration, "optimizer_step": step,
+                            "time/iteration_s": time.perf_counter() - t0})
+            history.append(_log(metrics, writer, out_dir, main_process))
+            bar.update(1)
+            bar.set_postfix(kl=f"{metrics.get('train/kl_t', math.nan):.4g}")
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.shutdown(wait=True)
+        if writer is not None:
+            writer.close()
+    accelerator.wait_for_everyone()
+    return GRPOResult(out_dir, max(start, config.num_iterations), step, history, checkpoints, policy)
+
+
+def _train_iteration(
+    config: OPDConfig,
+    accelerator: Any,
+    policy: Any,
+    model: torch.nn.Module,
+    teachers: TeacherSet,
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: Any,
+    scheduler: Any,
+    ema: EMA | None,
+    traj: Trajectory,
+    cond: Conditioning,
+    metas: Sequence[Mapping[str, Any]],
+    task_adv: torch.Tensor | None,
+    later: torch.Tensor | None,
+    batches: list[np.ndarray],
+    step: int,
+) -> tuple[dict[str, float], int]:
+    """The OPD loss over every trained step of every micro-batch; per-task mean KL_t for the logs."""
+    model.train()
+    positions = trained_positions(config.num_steps, len(traj.step_indices), config.timestep_fraction,
+                                  config.sde_window_size > 0)
+    params = [p for _, p in named]
+    device = accelerator.device
+    tasks = sorted(teachers.adapter_of)
+    kl_sum = torch.zeros(len(tasks), dtype=torch.float64)
+    kl_count = torch.zeros(len(tasks), dtype=torch.float64)
+    collected: dict[str, list[torch.Tensor]] = {}
+    grad_norms, lrs = [], []
+    for batch in batches:
+        idx = torch.as_tensor(batch, dtype=torch.long, device=traj.states.device)
+        cond_mb = index_cond(cond, idx)
+        metas_mb = [metas[i] for i in batch]
+        routes = teachers.routes(metas_mb)
+        task_of = torch.as_tensor([tasks.index(m["task"]) for m in metas_mb])
+        adv_mb = task_adv[batch].to(device) if task_adv is not None else None
+        for j in positions:
+            with accelerator.accumulate(model):
+                loss, stats, kl_t = opd_step_loss(
+                    config, policy, model, teachers, routes, traj.states[idx, j], traj.times[j], traj.next_times[j],
+                    traj.next_states[idx, j], cond_mb, traj.log_probs[idx, j], adv_mb,
+                    later_kl=later[torch.as_tensor(batch), j].to(device) if later is not None else None)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norms.append(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad()
+            kl_sum.index_add_(0, task_of, kl_t.double().cpu())
+            kl_count.index_add_(0, task_of, torch.ones(len(batch), dtype=torch.float64))
+            for k, v in stats.items():
+                collected.setdefault(k, []).append(v.detach().float())
+            if accelerator.sync_gradients:
+                lrs.append(scheduler.get_last_lr()[0])
+                scheduler.step()
+                step += 1
+                if ema is not None:
+                    ema.update(named, step)
+    reduce = {"ratio_min": torch.min, "ratio_max": torch.max}
+    out = {}
+    for k, v in collected.items():
+        local = torch.stack(v)
+        part = reduce[k](local) if k in reduce else local.mean()
+        every = accelerator.gather(part.reshape(1).to(device))
+        out[f"train/{k}"] = float(reduce[k](every) if k in reduce else every.mean())
+    sums = accelerator.gather(torch.stack([kl_sum, kl_count]).to(device).unsqueeze(0)).sum(0).cpu()
+    for i, task in enumerate(tasks):
+        if sums[1, i] > 0:
+            out[f"kl_task/{task}"] = float(sums[0, i] / sums[1, i])
+    if grad_norms:
+        out["train/grad_norm"] = float(torch.stack([torch.as_tensor(g, dtype=torch.float32) for g in grad_norms]).mean())
+    if lrs:
+        out["train/lr"] = float(lrs[-1])
+    return out, step
+
+
+def _gradient_probe(
+    config: OPDConfig,
+    accelerator: Any,
+    policy: Any,
+    model: torch.nn.Module,
+    teachers: TeacherSet,
+    named: Sequence[tuple[str, torch.nn.Parameter]],
+    sampler: PromptSampler,
+    reward: Reward | None,
+    iteration: int,
+    csv: GradientCosineCSV | None,
+) -> dict[str, float]:
+    """The task-gradient cosines of the OPD loss (MAR left out) on a probe batch, main process only
+    (flowopd.train.diagnostics)."""
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        plan = plan_probe(config, sampler, iteration)
+        model.eval()
+        with _unwrapped(policy, model):
+            traj, cond, rewards, _ = _sample_and_score(config, policy, plan, np.arange(len(plan.metas)), reward, None)
+            adv = later = None
+            if config.mode == "mixed":
+                adv = torch.as_tensor(compute_advantages(rewards.total, plan.group_ids, config.adv_clip_max,
+                                                         config.advantage_std)[0])
+            if config.kl_advantage == "to_go":
+                later = future_kl(config, policy, model, teachers, traj, cond, plan.metas)
+
+            def task_loss(idx: torch.Tensor, j: int) -> torch.Tensor:
+                routes = teachers.routes([plan.metas[i] for i in idx.tolist()])
+                return opd_step_loss(config, policy, model, teachers, routes, traj.states[idx, j], traj.times[j],
+                                     traj.next_times[j], traj.next_states[idx, j], index_cond(cond, idx),
+                                     traj.log_probs[idx, j], adv[idx] if adv is not None else None, mar=False,
+                                     later_kl=later[idx, j] if later is not None else None)[0]
+
+            positions = trained_positions(config.num_steps, len(traj.step_indices), config.timestep_fraction,
+                                          config.sde_window_size > 0)
+            grads = probe_task_gradients(task_loss, [m["task"] for m in plan.metas], positions,
+                                         [p for _, p in named], config.sample_batch_size)
+        metrics = grads.metrics()
+        if csv is not None:
+            csv.write(iteration, grads.cosines())
+    accelerator.wait_for_everyone()
+    return metrics
