@@ -429,3 +429,23 @@ def test_every_published_opd_recipe_parses(request):
     sd = load_config(OPDConfig, root / "opd_merge.toml")
     assert (sd.group_size, sd.learning_rate, sd.clip_range, sd.adv_clip_max, sd.mar_weight, sd.mode) == (
         16, 1e-4, 1e-4, 5.0, 0.04, "kl_only")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_ddp_match_the_single_process_run(run_a):
+    """Two processes (torchrun, DDP over gloo) route different samples, so they run different numbers of teacher
+    forwards: those skip DDP, and the result matches the single-process run up to float summation order."""
+    import os
+    import subprocess
+    import sys
+
+    out = run_a / "ddp"
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flowopd.train", "opd",
+           str(run_a / "tiny.toml"), f"output_dir={out}", "sample_batch_size=1"]
+    subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    single = load_file(run_a / "a" / "checkpoints" / "iteration-000002" / "state" / "adapter_live.safetensors")
+    ddp = load_file(out / "checkpoints" / "iteration-000002" / "state" / "adapter_live.safetensors")
+    assert single.keys() == ddp.keys()
+    assert all(torch.allclose(single[k], ddp[k], rtol=0, atol=1e-6) for k in single)

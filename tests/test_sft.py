@@ -189,13 +189,14 @@ def test_the_loss_is_flow_matching_plus_the_pull_and_fits_a_batch():
     assert torch.allclose(stats["fm_loss"], ((v - (eps - x0)) ** 2).mean(), rtol=1e-5)
     assert stats["anchor_l2"] == 0 and torch.allclose(loss, stats["fm_loss"])  # B = 0: the student is the base
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(15):
+    for _ in range(40):
         loss, stats = sft_loss(policy, model, x0, eps, t, cond, anchor_weight=0.5)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     after, stats = sft_loss(policy, model, x0, eps, t, cond, anchor_weight=0.5)
-    assert float(stats["fm_loss"]) < 0.9 * float(((v - (eps - x0)) ** 2).mean()) and float(stats["anchor_l2"]) > 0
+    before = float(((v - (eps - x0)) ** 2).mean())
+    assert float(after.detach()) < 0.95 * before and float(stats["fm_loss"]) < float(after.detach()) and float(stats["anchor_l2"]) > 0
 
 
 def test_times_and_config_checks():
@@ -243,3 +244,23 @@ def test_every_published_sft_recipe_parses(request):
     cfg = load_config(SFTConfig, root / "mini_sft.toml")
     last = f"{cfg.output_dir}/checkpoints/iteration-{cfg.num_iterations:06d}/adapter"
     assert f'lora_path = "{last}"' in opd_sft  # the SFT-init OPD recipe starts from the SFT recipe's last adapter
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_ddp_match_the_single_process_run(run_a):
+    """Two processes (torchrun, DDP over gloo): each makes and trains its share of the samples; same update as
+    the single-process run up to float summation order."""
+    import os
+    import subprocess
+    import sys
+
+    out = run_a / "ddp"
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flowopd.train", "sft",
+           str(run_a / "tiny.toml"), f"output_dir={out}", "sample_batch_size=2"]
+    subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    single = load_file(run_a / "a" / "checkpoints" / "iteration-000002" / "state" / "adapter_live.safetensors")
+    ddp = load_file(out / "checkpoints" / "iteration-000002" / "state" / "adapter_live.safetensors")
+    assert single.keys() == ddp.keys()
+    assert all(torch.allclose(single[k], ddp[k], rtol=0, atol=1e-6) for k in single)

@@ -77,7 +77,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flowopd.bench.evaluate import evaluate
     from flowopd.bench.report import markdown_summary
-
     from flowopd.bench.spec import get_spec
     from flowopd.scorers.client import RemoteScorer
 

@@ -606,11 +606,9 @@ def _sample_and_score(
                                      config.sde_type)
         # the scorer keeps the images; training does not (an empty tensor, not a view that pins their storage)
         images, traj.images = traj.images, traj.images.new_empty((0, *traj.images.shape[1:]))
-        if reward is None:
-            pass
-        elif executor is not None:
+        if reward is not None and executor is not None:
             futures.append(executor.submit(_score, reward, images, texts, metas))
-        else:
+        elif reward is not None:
             done: Future = Future()
             done.set_result(_score(reward, images, texts, metas))
             futures.append(done)

@@ -37,9 +37,10 @@ code holds one more full transformer per teacher, in float32. The memory saved o
 
 with ``N`` the frozen networks besides the student (one per distinct teacher adapter, plus the anchor when it
 is an adapter of its own), ``P_base`` the parameters of the velocity network (SD3.5-M's transformer:
-2.24e9, 8.9 GB per float32 copy), ``P_k`` the parameters of adapter ``k`` (rank 32 on SD3.5-M's attention
-projections: 18.9e6, 76 MB in float32) and ``b_k`` its bytes per parameter. With the paper's four teachers
-and the base as anchor that is 35.8 GB - 0.3 GB. It is logged at start-up and written to
+2.243e9, 8.97 GB per float32 copy), ``P_k`` the parameters of adapter ``k`` (rank 32 on SD3.5-M's attention
+projections: 18.8e6, 75 MB in float32) and ``b_k`` its bytes per parameter. With the paper's four teachers
+and the base as anchor: 35.9 GB of copies against 0.3 GB of adapters, 35.6 GB saved (counted on the
+transformer built from SD3.5-M's config on the meta device). It is logged at start-up and written to
 ``<output_dir>/memory.json`` (:func:`shared_base_memory`).
 """
 
@@ -92,7 +93,7 @@ from flowopd.train.grpo import (
     save_checkpoint,
 )
 from flowopd.train.grpo import _help as _field
-from flowopd.train.lora import EMA, lora_parameters, set_trainable_module, unwrap
+from flowopd.train.lora import EMA, lora_parameters, set_trainable_module, trainable_module, unwrap
 from flowopd.train.losses import Stats, opd_loss, reference_kl
 from flowopd.train.rollout import Trajectory, step_log_prob, trained_positions
 
@@ -100,8 +101,6 @@ OPD_MODES = ("kl_only", "pathwise", "gkd", "mixed")
 KL_SCALES = ("mean", "sum", "public")
 #: The anchor value meaning "the base network with every adapter disabled".
 BASE_ANCHOR = "base"
-#: peft's name of the first (trainable) adapter: the student.
-STUDENT = "default"
 
 
 @dataclass
@@ -129,7 +128,8 @@ class OPDConfig(GRPOConfig):
     mar_weight: float = _field(0.04, "MAR weight lambda of KL(student || anchor) on every sample (public beta "
                                "0.04); 0 = no MAR.")
     mode: str = _field("kl_only", "'kl_only' (the paper: A_t = -KL_t detached, gradient through the ratio only), "
-                       "'pathwise' (the public code: A_t attached), 'gkd' (loss = mean KL_t, no ratio), 'mixed' "
+                       "'pathwise' (the public code: A_t attached; with kl_scale = 'public' for parity), 'gkd' (loss = "
+                       "mean KL_t, no ratio), 'mixed' "
                        "(task GRPO advantage - KL_t; needs a reward).")
     kl_grad: str = _field("detached", "Mode 'mixed' only: 'detached' or 'pathwise' KL part of the advantage.")
     kl_scale: str = _field("mean", "Scale of KL_t: 'mean' (exact kernel KL per latent element, the scale of the "
@@ -196,6 +196,17 @@ def adapter_active(model: torch.nn.Module, name: str | None) -> Iterator[None]:
         peft_model.set_adapter(previous)
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _plain_module(policy: Any, model: torch.nn.Module) -> Iterator[None]:
+    """The policy's velocity network out of its DDP wrapper for a while (restoring whatever was there)."""
+    previous = trainable_module(policy)
+    set_trainable_module(policy, unwrap(model))
+    try:
+        yield
+    finally:
+        set_trainable_module(policy, previous)
 
 
 def shared_base_memory(model: torch.nn.Module, adapters: Sequence[str]) -> dict[str, float]:
@@ -273,8 +284,12 @@ class TeacherSet:
         next_x: torch.Tensor,
         cond: Conditioning,
     ) -> torch.Tensor:
-        """The step's kernel mean under adapter ``name`` (``None``: the base) at the given states, with CFG."""
-        with adapter_active(model, name):
+        """The step's kernel mean under adapter ``name`` (``None``: the base) at the given states, with CFG.
+
+        The forward skips the DDP wrapper: the number of teacher forwards differs between processes (it
+        follows the routing), and DDP may synchronise buffers in a forward.
+        """
+        with adapter_active(model, name), _plain_module(policy, model):
             return step_log_prob(policy, x, t, t_next, next_x, cond, config.guidance_scale, config.noise_level,
                                  config.sde_type, config.log_prob_reduction).mean
 

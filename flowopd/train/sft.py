@@ -265,7 +265,7 @@ def check_config(config: SFTConfig, world: int) -> tuple[int, int]:
 def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
            eval_scorers: Mapping[str, Scorer] | None) -> GRPOResult:
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
     from flowopd.models.loading import checkpoint_dir
@@ -276,8 +276,11 @@ def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
     n_micro, accumulation = check_config(config, world)
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=accumulation,
-                              cpu=config.cpu)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=accumulation, cpu=config.cpu,
+        # adapters whose output does not reach the loss (SD3's last text queries) get no gradient
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     set_seed(config.seed)
     out_dir = Path(config.output_dir)
@@ -459,8 +462,9 @@ def _train_iteration(
     grad_norms = []
     shuffle = np.random.default_rng([plan.shuffle_seed, accelerator.process_index])
     for epoch in range(config.epochs_per_iteration):
-        eps = policy.initial_noise(plan.eps_seeds[epoch, local].tolist(), config.resolution,
-                                   config.resolution).float()
+        with _unwrapped(policy, model):  # SD3's initial_noise reads the transformer's config, which DDP hides
+            eps = policy.initial_noise(plan.eps_seeds[epoch, local].tolist(), config.resolution,
+                                       config.resolution).float()
         times = torch.as_tensor(plan.times[epoch, local], dtype=torch.float32)
         for batch in np.split(shuffle.permutation(len(local)), n_micro):
             idx = torch.as_tensor(batch, dtype=torch.long, device=x0.device)
