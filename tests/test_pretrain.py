@@ -120,12 +120,20 @@ def test_config_file_unknown_key_names_the_file(tmp_path: Path) -> None:
         load_config(PretrainConfig, path)
 
 
-def test_committed_config_loads() -> None:
-    cfg = load_config(PretrainConfig, CONFIG)
-    assert cfg.out == "runs/mini_base" and cfg.model.channels == [32, 64, 128]
+def test_committed_config_is_the_recipe_of_the_committed_base() -> None:
+    import dataclasses
+    import json
+
+    from flowopd.models.mini import ASSETS_DIR
+
+    cfg = dataclasses.asdict(load_config(PretrainConfig, CONFIG))
+    made_with = json.loads((ASSETS_DIR / "base" / "config.json").read_text())["extra"]["pretrain"]
+    for key in ("out", "steps_done", "wall_seconds"):
+        cfg.pop(key, None), made_with.pop(key, None)
+    assert cfg == made_with
 
 
 def test_dispatcher_rejects_unknown_subcommand(capsys) -> None:
     assert train_main(["pretrian", str(CONFIG)]) == 2
     err = capsys.readouterr().err
-    assert "unknown subcommand 'pretrian'" in err and "did you mean 'pretrain'" in err and "known: pretrain" in err
+    assert "unknown subcommand 'pretrian'" in err and "did you mean 'pretrain'" in err and "pretrain" in err.split("known:")[1]
