@@ -7,6 +7,7 @@ real pixel computation registered through the registry API.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -253,6 +254,22 @@ def test_prompt_plan_is_deterministic_and_groups_by_prompt():
     mixed = PromptSampler(cfg.prompts, "prompt").draw(np.random.default_rng(0), 1, 400)
     share = np.mean([m["task"] == "geneval" for m in mixed])
     assert 0.65 < share < 0.85  # weights 3:1
+
+
+def test_same_group_noise_shares_the_start_within_a_draw_and_keeps_the_plan():
+    sources = [PromptSourceConfig(task="geneval", sampler="flowopd.world.grammar:sample_prompt",
+                                  sampler_args={"split": "train", "task": "geneval"})]
+    own = GRPOConfig(prompts_per_iteration=5, group_size=4, prompts=sources)
+    same = dataclasses.replace(own, same_group_noise=True)
+    sampler = PromptSampler(sources, "iteration")
+    a, b = (plan_iteration(c, sampler, np.random.default_rng(3), 2) for c in (own, same))
+    assert [m["prompt"] for m in a.metas] == [m["prompt"] for m in b.metas] and a.sde_steps == b.sde_steps
+    assert np.array_equal(a.sde_seeds, b.sde_seeds)  # only the starting noise changes
+    assert len(set(b.noise_seeds.tolist())) == 5 and len(set(a.noise_seeds.tolist())) == 20
+    assert set(b.noise_seeds.tolist()) <= set(a.noise_seeds.tolist())
+    for seed in set(b.noise_seeds.tolist()):  # a seed is one draw's: 4 samples of one prompt
+        members = np.flatnonzero(b.noise_seeds == seed)
+        assert len(members) == 4 and len({b.metas[i]["prompt"] for i in members}) == 1
 
 
 def test_advantages_drop_constant_and_nan_groups_and_micro_batches_pad():

@@ -147,6 +147,9 @@ class GRPOConfig:
     guidance_scale: float = _help(4.5, "CFG scale for rollouts and the training forward (published 4.5).")
     noise_level: float = _help(0.7, "SDE noise level a in sigma_t = a sqrt(t / (1 - t)) (published 0.7).")
     sde_type: str = _help("sde", "'sde' (Flow-GRPO) or 'cps' (coefficient-preserving sampling).")
+    same_group_noise: bool = _help(False, "Every sample of a group starts from the same noise (DanceGRPO's "
+                                   "use_same_noise), so that the group's rewards differ only through the SDE "
+                                   "steps that are trained. Flow-GRPO draws one noise per sample (False).")
     sde_window_size: int = _help(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic and "
                                  "trained, the rest ODE; 0 = every step stochastic.")
     sde_window_range: list[int] = _help([0, 10], "Range (lo, hi) the SDE window is drawn in, per iteration.")
@@ -291,10 +294,13 @@ def plan_iteration(config: GRPOConfig, sampler: PromptSampler, rng: np.random.Ge
     prompt_of = np.repeat(np.arange(p), k)[rng.permutation(p * k)]
     keys: dict[tuple[str, str], int] = {}
     group_of_prompt = [keys.setdefault((m["task"], m["prompt"]), len(keys)) for m in prompts]
+    noise_seeds = rng.integers(0, 2**31 - 1, size=p * k)
+    if config.same_group_noise:  # one seed per drawn prompt: its first sample's (same draws either way)
+        noise_seeds = noise_seeds[np.argmax(prompt_of[None, :] == np.arange(p)[:, None], axis=1)][prompt_of]
     return IterationPlan(
         metas=[prompts[i] for i in prompt_of],
         group_ids=np.asarray(group_of_prompt)[prompt_of],
-        noise_seeds=rng.integers(0, 2**31 - 1, size=p * k),
+        noise_seeds=noise_seeds,
         sde_seeds=rng.integers(0, 2**31 - 1, size=p * k),
         sde_steps=sde_window(config.num_steps, config.sde_window_size, config.sde_window_range, rng),
         shuffle_seed=int(rng.integers(0, 2**31 - 1)),
@@ -309,10 +315,13 @@ def plan_probe(config: GRPOConfig, sampler: PromptSampler, iteration: int) -> It
     prompts = [m for src in range(len(sampler.sources))
                for m in sampler.draw_source(rng, src, config.grad_cosine_prompts)]
     k, n = config.group_size, len(prompts) * config.group_size
+    noise_seeds = rng.integers(0, 2**31 - 1, size=n)
+    if config.same_group_noise:
+        noise_seeds = np.repeat(noise_seeds[::k], k)
     return IterationPlan(
         metas=[m for m in prompts for _ in range(k)],
         group_ids=np.repeat(np.arange(len(prompts)), k),
-        noise_seeds=rng.integers(0, 2**31 - 1, size=n),
+        noise_seeds=noise_seeds,
         sde_seeds=rng.integers(0, 2**31 - 1, size=n),
         sde_steps=sde_window(config.num_steps, config.sde_window_size, config.sde_window_range, rng),
         shuffle_seed=0,
