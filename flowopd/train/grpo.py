@@ -184,8 +184,11 @@ class GRPOConfig:
     advantage_std: str = _help("batch", "'batch' std over all rewards of the iteration (Flow-GRPO "
                                "global_std = true) or 'group' std.")
     beta: float = _help(0.04, "KL weight to the reference (0.04 GenEval/OCR, 0.01 PickScore); 0 = no KL.")
-    cfg_detach_uncond: bool = _help(True, "Detach the unconditional CFG branch in the training forward, as "
-                                    "Flow-GRPO's compute_log_prob does.")
+    cfg_detach_uncond: bool = _help(False, "Detach the unconditional CFG branch in the training forward (two "
+                                    "passes of N instead of one of 2N). Flow-GRPO's compute_log_prob keeps both "
+                                    "branches attached (False): with CFG g the adapter also moves v_uncond, with "
+                                    "weight 1 - g, and a gradient that ignores it is biased (on the mini world, "
+                                    "True made the GenEval reward fall during training).")
     ema: bool = _help(True, "EMA of the adapter; checkpoints and evaluation use the EMA weights.")
     ema_decay: float = _help(0.9, "EMA decay (Flow-GRPO 0.9, with warm-up min((1+s)/(10+s), decay)).")
     ema_update_interval: int = _help(8, "Optimizer steps between EMA updates (Flow-GRPO 8).")

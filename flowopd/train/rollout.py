@@ -112,9 +112,11 @@ def guided_velocity(
 ) -> torch.Tensor:
     """The CFG velocity; with ``detach_uncond`` the unconditional branch carries no gradient.
 
-    Flow-GRPO's training forward (``compute_log_prob`` in ``scripts/train_sd3.py``) detaches the
-    unconditional prediction, so the policy gradient flows through the conditional branch only. That needs
-    two forward passes of N instead of one of 2N; the value is the same up to float rounding.
+    Flow-GRPO's training forward (``compute_log_prob`` in ``scripts/train_sd3.py``) keeps both branches
+    attached (``detach_uncond=False``). Detaching the unconditional prediction makes the policy gradient flow
+    through the conditional branch only (two forward passes of N instead of one of 2N; the value is the same up
+    to float rounding), which ignores the adapter's effect on ``v_uncond`` (weight ``1 - g``): a biased
+    gradient.
     """
     if not detach_uncond or guidance_scale == 1.0:
         return policy.velocity(x, t, cond, guidance_scale)
