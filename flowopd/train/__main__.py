@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "opd": "flowopd.train.opd:main",
     "sft": "flowopd.train.sft:main",
     "merge": "flowopd.train.merge_cli:main",
+    "publish": "flowopd.train.publish:main",
 }
 
 _USAGE = "usage: python -m flowopd.train SUBCOMMAND CONFIG.toml [key=value ...]"
