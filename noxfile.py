@@ -75,6 +75,13 @@ def table3(session: nox.Session) -> None:
 
 
 @nox.session
+def seesaw(session: nox.Session) -> None:
+    """Each benchmark along each GRPO teacher's and GRPO-Mix's training: ``-- [--preset sd35m] [--retrain]``."""
+    _install(session)
+    session.run("python", "-m", "flowopd.bench", "seesaw", *session.posargs, env=_env())
+
+
+@nox.session
 def pretrain(session: nox.Session) -> None:
     """Pretrain the mini base from scratch (about 15 minutes on 2 cores); pass key=value overrides after --."""
     _install(session)

@@ -147,6 +147,16 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seesaw(args: argparse.Namespace) -> int:
+    from flowopd.bench.seesaw import seesaw
+
+    paths = seesaw(args.preset, retrain=args.retrain, config=Path(args.config) if args.config else None,
+                   out=Path(args.out), device=args.device)
+    print(Path(paths["md"]).read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flowopd.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--limit", type=int, help="evaluate only the first N prompts of each benchmark")
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("seesaw", help="each benchmark along each GRPO teacher's and GRPO-Mix's training (figure)")
+    p.add_argument("--preset", default="mini", choices=["mini", "sd35m"])
+    p.add_argument("--retrain", action="store_true", help="train the GRPO runs that have no checkpoints (slow)")
+    p.add_argument("--config", help="sd35m: file whose [seesaw] table lists the run dirs "
+                                    "(default: reports/sd35m_checkpoints.toml)")
+    p.add_argument("--out", default="reports/out/seesaw")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_seesaw)
 
     sub.add_parser("serve", help="run a scorer behind a local HTTP server (serve --help for its options)")
     return parser
