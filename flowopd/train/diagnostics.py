@@ -210,20 +210,22 @@ def plot_gradient_cosines(
     pairs = sorted({(a, b) for df in frames for a, b in zip(df["task_a"], df["task_b"])})
     if not pairs:
         raise ValueError(f"plot_gradient_cosines: no rows in {[str(f) for f in files]}")
+    common = set.intersection(*({(a, b) for a, b in zip(df["task_a"], df["task_b"])} for df in frames))
     panels = [*pairs, ("mean", "")]
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharey=True)
     for ax, (a, b) in zip(axes.flat, panels):
-        for df, name in zip(frames, names):
-            if a == "mean":
-                series = df.groupby("iteration")["cosine"].mean()
+        for i, (df, name) in enumerate(zip(frames, names)):
+            if a == "mean":  # over the pairs every run has, so that the runs compare like with like
+                shared = df[[(x, y) in common for x, y in zip(df["task_a"], df["task_b"])]]
+                series = shared.groupby("iteration")["cosine"].mean()
             else:
                 series = df[(df["task_a"] == a) & (df["task_b"] == b)].set_index("iteration")["cosine"]
-            if len(series):
-                ax.plot(series.index, series.values, marker=".", label=name)
+            if len(series):  # one colour per run in every panel
+                ax.plot(series.index, series.values, marker=".", label=name, color=f"C{i}")
         ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_title("mean over pairs" if a == "mean" else f"{a} / {b}", fontsize=9)
+        ax.set_title(f"mean over the {len(common)} shared pairs" if a == "mean" else f"{a} / {b}", fontsize=9)
         ax.set_xlabel("iteration")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
@@ -262,10 +264,10 @@ def plot_task_rewards(
         raise ValueError(f"plot_task_rewards: no reward_task/* metrics in {[str(f) for f in files]}")
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 2.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for per_task, name in zip(curves, names):
+        for i, (per_task, name) in enumerate(zip(curves, names)):
             if task in per_task:
                 x, y = zip(*per_task[task])
-                ax.plot(x, y, label=name)
+                ax.plot(x, y, label=name, color=f"C{i}")  # one colour per run in every panel
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("iteration")
     axes[0, 0].set_ylabel("mean reward")
