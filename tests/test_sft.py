@@ -242,8 +242,12 @@ def test_every_published_sft_recipe_parses(request):
         assert check_config(cfg, 1)[0] >= 1, name
     opd_sft = (root / "mini_opd_sft.toml").read_text()
     cfg = load_config(SFTConfig, root / "mini_sft.toml")
-    last = f"{cfg.output_dir}/checkpoints/iteration-{cfg.num_iterations:06d}/adapter"
-    assert f'lora_path = "{last}"' in opd_sft  # the SFT-init OPD recipe starts from the SFT recipe's last adapter
+    assert 'lora_path = "mini:sft"' in opd_sft  # the SFT-init OPD recipe starts from the published SFT adapter
+    from flowopd.bench.report import load_table
+
+    recipe = next(r for r in load_table("table1")["rows"] if r["run"]["mini"] == "mini:opd-sft")["recipe"]["mini"]
+    publish = recipe.index(f"publish {cfg.output_dir} mini:sft")  # ... which the SFT recipe's run publishes
+    assert recipe[publish - 1] == "sft training/configs/mini_sft.toml"
 
 
 @pytest.mark.slow
