@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from flowopd.bench.evaluate import evaluate, run_name
-from flowopd.bench.tables import SD35M_CONFIG, MissingCheckpointsError
+from flowopd.bench.tables import SD35M_CONFIG, MissingCheckpointsError, run_recipe
 
 BENCHMARKS = {
     "mini": ["mini-geneval", "mini-ocr", "mini-quality", "mini-pick"],
@@ -79,14 +78,9 @@ def plan(preset: str = "mini", config: Path | None = None, retrain: bool = False
     """The checkpoints to evaluate: the base, then every saved checkpoint of every run."""
     runs = _runs(preset, config)
     if retrain and preset == "mini":
-        from flowopd.train.__main__ import main as train_main
-
         for label, (run_dir, recipe) in MINI_RUNS.items():
             if not run_checkpoints(Path(run_dir)):
-                print(f"[seesaw] {label}: python -m flowopd.train {recipe}")
-                code = train_main(shlex.split(recipe))
-                if code:
-                    raise RuntimeError(f"recipe `python -m flowopd.train {recipe}` failed with exit code {code}")
+                run_recipe(recipe, f"[seesaw] {label}")
     empty = [f"{label} ({d})" for label, d in runs.items() if not run_checkpoints(d)]
     if empty:
         hint = ("run with --retrain to train them (each GRPO recipe, then the evaluations), or see the committed "

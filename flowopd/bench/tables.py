@@ -74,19 +74,25 @@ def resolve_rows(table: dict[str, Any], preset: str, config: Path | None = None)
     return [(r["label"], r["run"][preset]) for r in rows]
 
 
-def retrain(table: dict[str, Any], preset: str, force: bool = False) -> None:
-    """Run the recipe of every row whose checkpoint is missing (all rows with ``force``), in table order."""
+def run_recipe(command: str, prefix: str) -> None:
+    """Run one recipe step ``python -m flowopd.train COMMAND`` in this process (logged after ``prefix``);
+    raise if it fails."""
     from flowopd.train.__main__ import main as train_main
 
+    print(f"{prefix}: python -m flowopd.train {command}")
+    code = train_main(shlex.split(command))
+    if code:
+        raise RuntimeError(f"recipe `python -m flowopd.train {command}` failed with exit code {code}")
+
+
+def retrain(table: dict[str, Any], preset: str, force: bool = False) -> None:
+    """Run the recipe of every row whose checkpoint is missing (all rows with ``force``), in table order."""
     for row in table["rows"]:
         checkpoint = row["run"][preset]
         if _available(checkpoint) and not force:
             continue
         for command in row.get("recipe", {}).get(preset, []):
-            print(f"[{table['name']}] {row['label']}: python -m flowopd.train {command}")
-            code = train_main(shlex.split(command))
-            if code:
-                raise RuntimeError(f"recipe `python -m flowopd.train {command}` failed with exit code {code}")
+            run_recipe(command, f"[{table['name']}] {row['label']}")
 
 
 def reproduce(
