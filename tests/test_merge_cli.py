@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fixtures import MINI_SMALL
 from safetensors.torch import load_file
 
 from flowopd.train.__main__ import main as train_main
@@ -16,15 +17,7 @@ from flowopd.train.lora import add_lora, save_adapter
 from flowopd.train.merge import delta_weights
 from flowopd.train.merge_cli import lora_scaling
 
-MINI_SMALL = {"channels": [8, 16, 16], "text_dim": 16, "text_layers": 1, "heads": 2, "cond_dim": 16, "groups": 4}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

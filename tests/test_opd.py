@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fixtures import MINI_SMALL, random_adapter, tiny_pipeline_with_teachers, train_keeping_frozen
 from safetensors.torch import load_file
 
 from flowopd.train.__main__ import main as train_main
 from flowopd.train.config import ConfigError, load_config
 from flowopd.train.grpo import PromptSourceConfig
-from flowopd.train.lora import add_lora, save_adapter, unwrap
+from flowopd.train.lora import add_lora, unwrap
 from flowopd.train.opd import (
     OPDConfig,
     TeacherSet,
@@ -75,23 +76,7 @@ sampler = "flowopd.world.grammar:sample_prompt"
 sampler_args = {{ split = "train", task = "ocr" }}
 """
 
-MINI_SMALL = {"channels": [8, 16, 16], "text_dim": 16, "text_layers": 1, "heads": 2, "cond_dim": 16, "groups": 4}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def random_adapter(module: torch.nn.Module, out: Path, base: str, seed: int, rank: int = 4) -> Path:
-    """A random (non-zero B) LoRA adapter of ``module`` saved in peft format with ``base`` as its base."""
-    torch.manual_seed(seed)
-    model = add_lora(module, rank, 2 * rank, init=False, base_model=base)
-    save_adapter(model, out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -305,16 +290,7 @@ def test_config_checks_name_the_key():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from _tiny_sd3 import tiny_sd3_pipeline
-    from diffusers import SD3Transformer2DModel
-
-    root = tmp_path_factory.mktemp("tiny_opd")
-    tiny_sd3_pipeline(root / "tok").save_pretrained(root / "pipe")
-    out = {"pipe": root / "pipe"}
-    for i, task in enumerate(["geneval", "ocr"]):
-        transformer = SD3Transformer2DModel.from_pretrained(root / "pipe" / "transformer")
-        out[task] = random_adapter(transformer, root / f"teacher_{task}", str(root / "pipe"), seed=20 + i)
-    return out
+    return tiny_pipeline_with_teachers(tmp_path_factory.mktemp("tiny_opd"), seed=20)
 
 
 @pytest.fixture(scope="module")
@@ -325,14 +301,7 @@ def run_a(tiny, tmp_path_factory) -> Path:
     recipe.write_text(RECIPE.format(model=tiny["pipe"], out=root / "a", t1=tiny["geneval"], t2=tiny["ocr"]))
     from flowopd.train import opd
 
-    results = []
-    real_train = opd.train
-    with pytest.MonkeyPatch.context() as mp:  # keep the trained policy to inspect its frozen weights
-        mp.setattr(opd, "train", lambda cfg: results.append(real_train(cfg)) or results[-1])
-        assert train_main(["opd", str(recipe)]) == 0
-    peft_model = unwrap(results[0].policy.transformer)
-    torch.save({n: t.detach().clone() for n, t in peft_model.state_dict().items() if ".default." not in n},
-               root / "a" / "frozen_after.pt")
+    train_keeping_frozen(opd, "opd", recipe, root / "a")
     return root
 
 

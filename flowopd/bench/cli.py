@@ -1,4 +1,4 @@
-"""``python -m flowopd.bench``: list, evaluate, report, check, serve."""
+"""``python -m flowopd.bench``: list, evaluate, report, compare, check, serve."""
 
 from __future__ import annotations
 
@@ -120,6 +120,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flowopd.bench.compare import compare_runs, markdown_comparison, write_comparison
+    from flowopd.bench.results import load_results
+
+    res_a, res_b = load_results(args.run_a), load_results(args.run_b)
+    benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
+    rows = compare_runs(res_a, res_b, benchmarks=benchmarks, n_boot=args.n_boot)
+    name_a, name_b = res_a["checkpoint"], res_b["checkpoint"]
+    print(markdown_comparison(rows, name_a, name_b, args.n_boot))
+    if args.out:
+        paths = write_comparison(rows, name_a, name_b, args.out, args.n_boot)
+        print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from flowopd.bench.check import check_floors, load_thresholds
     from flowopd.bench.results import load_results
@@ -190,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="a table definition in reports/tables (e.g. table1)")
     p.add_argument("--scale", default="mini", choices=["mini", "sd35m"])
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="paired difference of two runs (A - B) with a paired bootstrap 95% CI")
+    p.add_argument("run_a", help="run directory or results.json of checkpoint A")
+    p.add_argument("run_b", help="run directory or results.json of checkpoint B (same specs and settings)")
+    p.add_argument("--benchmarks", help="comma-separated names (default: every benchmark both runs hold)")
+    p.add_argument("--out", help="also write compare.md and compare.csv to this directory")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws (default: 2000)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("check", help="exit 1 when a metric is below its floor")
     p.add_argument("results", help="a run directory or results.json")

@@ -1,0 +1,217 @@
+"""Paired comparison of two runs: point values, paired intervals, pairing checks, compare_runs and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flowopd.bench.aggregate import aggregate
+from flowopd.bench.cli import main
+from flowopd.bench.compare import compare_runs, paired_difference
+from flowopd.bench.results import load_results, new_results, save_results
+
+REPO = Path(__file__).resolve().parents[1]
+RULES = [("mean", ""), ("mean_of_tag_means", "tag"), ("per_category", "category")]
+GROUPS = ["alpha", "beta", "gamma"]
+
+
+def frame(scores: np.ndarray, group_by: str = "tag") -> pd.DataFrame:
+    """Per-sample rows for a (prompts x samples) score matrix; prompt i belongs to group i % 3."""
+    n_prompts, n_samples = scores.shape
+    rows = [
+        {"index": i, "sample": k, "prompt": f"prompt {i}", "score": float(scores[i, k]),
+         group_by or "tag": GROUPS[i % len(GROUPS)]}
+        for i in range(n_prompts) for k in range(n_samples)
+    ]
+    return pd.DataFrame(rows)
+
+
+def pair(seed: int = 0, n_prompts: int = 30, n_samples: int = 2, group_by: str = "tag"):
+    rng = np.random.default_rng(seed)
+    b = rng.uniform(0, 1, size=(n_prompts, n_samples))
+    a = np.clip(b + rng.normal(0.05, 0.2, size=b.shape), 0, 1)
+    return frame(a, group_by), frame(b, group_by)
+
+
+@pytest.mark.parametrize("rule,group_by", RULES)
+def test_point_value_is_the_difference_of_aggregates(rule, group_by):
+    df_a, df_b = pair(1, group_by=group_by or "tag")
+    nan_rows = [3, 10, 11]  # NaN at the same pairs in both runs ("not applicable" prompts)
+    df_a.loc[nan_rows, "score"] = np.nan
+    df_b.loc[nan_rows, "score"] = np.nan
+    diff = paired_difference(df_a, df_b, rule, group_by, n_boot=200)
+    agg_a, agg_b = aggregate(df_a, rule, group_by), aggregate(df_b, rule, group_by)
+    assert set(diff) == set(agg_a) == ({"mean"} if rule == "mean" else {"mean", *GROUPS})
+    for name, m in diff.items():
+        assert m.value == agg_a[name].value - agg_b[name].value
+        assert m.n == agg_a[name].n
+        assert m.ci_low <= m.value <= m.ci_high
+    assert diff["mean"].n == len(df_a) - len(nan_rows)
+
+
+@pytest.mark.parametrize("rule,group_by", RULES)
+def test_identical_runs_give_zero_with_a_zero_interval(rule, group_by):
+    df_a, _ = pair(2, group_by=group_by or "tag")
+    diff = paired_difference(df_a, df_a.copy(), rule, group_by, n_boot=300)
+    for m in diff.values():
+        assert (m.value, m.ci_low, m.ci_high, m.stderr) == (0.0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("rule,group_by", RULES)
+def test_a_constant_shift_is_recovered_with_a_degenerate_interval(rule, group_by):
+    _, df_b = pair(3, group_by=group_by or "tag")
+    df_a = df_b.assign(score=df_b["score"] + 0.1)
+    diff = paired_difference(df_a, df_b, rule, group_by, n_boot=300)
+    for m in diff.values():
+        assert m.value == pytest.approx(0.1, abs=1e-12)
+        assert m.ci_low == pytest.approx(0.1, abs=1e-12) and m.ci_high == pytest.approx(0.1, abs=1e-12)
+        assert m.stderr < 1e-12
+
+
+def test_pairing_removes_prompt_difficulty_from_the_interval():
+    rng = np.random.default_rng(4)
+    difficulty = rng.uniform(0, 1, size=(60, 1))  # prompts from very easy to very hard
+    b = difficulty + rng.normal(0, 0.02, size=(60, 4))
+    a = b + rng.normal(0.01, 0.01, size=b.shape)
+    df_a, df_b = frame(a), frame(b)
+    paired = paired_difference(df_a, df_b, "mean", n_boot=2000)["mean"]
+    unpaired_b = aggregate(df_b, "mean", n_boot=2000)["mean"]
+    unpaired_a = aggregate(df_a, "mean", n_boot=2000)["mean"]
+    half = (paired.ci_high - paired.ci_low) / 2
+    assert half < 0.05 * (unpaired_b.ci_high - unpaired_b.ci_low) / 2
+    assert half < 0.05 * (unpaired_a.ci_high - unpaired_a.ci_low) / 2
+    assert paired.ci_low > 0  # the small real gain is resolved; the unpaired intervals overlap
+    assert unpaired_a.ci_low < unpaired_b.ci_high
+
+
+def test_a_one_sided_nan_drops_the_pair():
+    df_a, df_b = pair(5)
+    df_a.loc[7, "score"] = np.nan  # not scorable in A only: B's score of that image must leave too
+    diff = paired_difference(df_a, df_b, "mean", n_boot=100)["mean"]
+    keep = df_a["score"].notna()
+    expected = aggregate(df_a[keep], "mean")["mean"].value - aggregate(df_b[keep], "mean")["mean"].value
+    assert diff.value == expected
+    assert diff.n == len(df_a) - 1
+
+
+def test_different_pairs_or_prompts_raise():
+    df_a, df_b = pair(6)
+    with pytest.raises(ValueError, match=r"mini-x: .*1 only in A \(\(4, 1\)\), 0 only in B"):
+        paired_difference(df_a, df_b.drop(index=9), label="mini-x")
+    moved = df_b.copy()
+    moved.loc[0, "sample"] = 7
+    with pytest.raises(ValueError, match=r"only in B \(\(0, 7\)\)"):
+        paired_difference(df_a, moved)
+    renamed = df_b.copy()
+    renamed.loc[renamed["index"] == 5, "prompt"] = "another prompt"
+    with pytest.raises(ValueError, match="prompt index 5 has prompt 'prompt 5' in run A but 'another prompt'"):
+        paired_difference(df_a, renamed)
+    with pytest.raises(ValueError, match="more than once"):
+        paired_difference(df_a, pd.concat([df_b, df_b.iloc[:1]]))
+
+
+# -- run directories in evaluate's format ------------------------------------------------------------------
+
+GENERATION = {"images_per_prompt": 2, "seed": 0, "height": 32, "width": 32, "steps": 10, "guidance_scale": 4.0}
+
+
+def write_run(root: Path, checkpoint: str, frames: dict[str, tuple[pd.DataFrame, str, str]], **changes) -> Path:
+    """A run dir as ``evaluate`` writes it: scores/<bench>.parquet and results.json's benchmarks[bench]."""
+    (root / "scores").mkdir(parents=True)
+    results = new_results(checkpoint)
+    for name, (df, rule, group_by) in frames.items():
+        df.to_parquet(root / "scores" / f"{name}.parquet", index=False)
+        metrics = aggregate(df, rule, group_by)
+        results["benchmarks"][name] = {
+            "spec_version": "1", "scorer": name, "scorer_version": "1", "scale": [0.0, 1.0],
+            "higher_is_better": True, "aggregation": rule, "generation": {**GENERATION, **changes},
+            "images": str(root / "images" / name), "limit": None, "n_prompts": int(df["index"].nunique()),
+            "n_images": len(df), "n_nan": int(df["score"].isna().sum()),
+            "metrics": {k: m.to_dict() for k, m in metrics.items()},
+        }
+    save_results(results, root)
+    return root
+
+
+@pytest.fixture
+def runs(tmp_path):
+    geneval_a, geneval_b = pair(7, n_prompts=24, group_by="tag")
+    ocr_b = frame(np.random.default_rng(8).uniform(0, 1, size=(16, 2)))
+    ocr_a = ocr_b.assign(score=ocr_b["score"] + 0.1)
+    run_a = write_run(tmp_path / "a", "mini:aaa", {"mini-geneval": (geneval_a, "mean_of_tag_means", "tag"),
+                                                  "mini-ocr": (ocr_a, "mean", "")})
+    run_b = write_run(tmp_path / "b", "mini:bbb", {"mini-geneval": (geneval_b, "mean_of_tag_means", "tag"),
+                                                  "mini-ocr": (ocr_b, "mean", "")})
+    return run_a, run_b
+
+
+def test_compare_runs_rows(runs):
+    run_a, run_b = runs
+    rows = compare_runs(run_a, run_b, n_boot=300)
+    assert [(r["benchmark"], r["metric"]) for r in rows] == [
+        ("mini-geneval", "mean"), *[("mini-geneval", g) for g in GROUPS], ("mini-ocr", "mean")]
+    res_a, res_b = load_results(run_a), load_results(run_b)
+    for r in rows:
+        key = f"{r['benchmark']}/{r['metric']}"
+        assert r["value_a"] == pytest.approx(res_a["metrics"][key], abs=1e-12)
+        assert r["value_b"] == pytest.approx(res_b["metrics"][key], abs=1e-12)
+        assert r["diff"] == pytest.approx(r["value_a"] - r["value_b"], abs=1e-12)
+        assert r["significant"] == (r["ci_low"] > 0 or r["ci_high"] < 0)
+    ocr = rows[-1]
+    assert ocr["diff"] == pytest.approx(0.1, abs=1e-12) and ocr["significant"] and ocr["n"] == 32
+    only = compare_runs(run_a, run_b, benchmarks=["mini-ocr"], n_boot=50)
+    assert [r["benchmark"] for r in only] == ["mini-ocr"]
+
+
+def test_compare_runs_refuses_unpairable_runs(runs, tmp_path):
+    run_a, _ = runs
+    df = frame(np.zeros((16, 2)))
+    steps = write_run(tmp_path / "steps", "mini:ccc", {"mini-ocr": (df, "mean", "")}, steps=20)
+    with pytest.raises(ValueError, match=r"mini-ocr: generation\.steps is 10 in .*a/results\.json but 20 in"):
+        compare_runs(run_a, steps)
+    with pytest.raises(ValueError, match=r"run B \(.*steps/results\.json\) has no results for benchmark "
+                                         r"'mini-geneval' \(it has: mini-ocr\)"):
+        compare_runs(run_a, steps, benchmarks=["mini-geneval"])
+    res = json.loads((steps / "results.json").read_text())
+    res["benchmarks"]["mini-ocr"]["generation"]["steps"] = 10
+    res["benchmarks"]["mini-ocr"]["scorer_version"] = "2"
+    (steps / "results.json").write_text(json.dumps(res))
+    with pytest.raises(ValueError, match="mini-ocr: scorer_version is '1' in .* but '2' in"):
+        compare_runs(run_a, steps)
+
+
+def test_cli_prints_and_writes_the_comparison(runs, tmp_path, capsys):
+    run_a, run_b = runs
+    out = tmp_path / "cmp"
+    assert main(["compare", str(run_a), str(run_b), "--out", str(out), "--n-boot", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "| benchmark | metric | A: mini:aaa | B: mini:bbb | A - B [95% paired CI] | |" in printed
+    assert "| mini-ocr | mean |" in printed and "+0.100 [+0.100, +0.100] | * |" in printed
+    assert (out / "compare.md").read_text().strip() in printed
+    with open(out / "compare.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 5 and {"checkpoint_a", "diff", "ci_low", "ci_high", "significant"} <= set(table[0])
+    assert table[-1]["checkpoint_a"] == "mini:aaa" and float(table[-1]["diff"]) == pytest.approx(0.1)
+
+    assert main(["compare", str(run_a), str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not (REPO / "reports/mini/grpo-pick/results.json").is_file(), reason="no committed mini runs")
+def test_committed_mini_runs():
+    run_a, run_b = REPO / "reports/mini/grpo-pick", REPO / "reports/mini/base"
+    rows = compare_runs(run_a, run_b, n_boot=200)
+    res_a, res_b = load_results(run_a), load_results(run_b)
+    assert {r["benchmark"] for r in rows} == {"mini-compbench", "mini-geneval", "mini-ocr", "mini-pick",
+                                              "mini-quality"}
+    assert len(rows) == len(res_a["metrics"]) == len(res_b["metrics"])
+    for r in rows:
+        key = f"{r['benchmark']}/{r['metric']}"
+        assert abs(r["value_a"] - res_a["metrics"][key]) < 1e-9
+        assert abs(r["value_b"] - res_b["metrics"][key]) < 1e-9
