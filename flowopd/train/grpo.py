@@ -496,18 +496,8 @@ def _train(
             del traj, cond
             metrics.update({"time/sample_s": timing["sample"], "time/reward_wait_s": timing["reward_wait"],
                             "time/train_s": time.perf_counter() - t1})
-            if iteration % config.save_every == 0 or iteration == config.num_iterations:
-                path = out_dir / "checkpoints" / f"iteration-{iteration:06d}"
-                save_checkpoint(path, accelerator, model, named, optimizer, scheduler, ema, rng,
-                                {"iteration": iteration, "optimizer_step": step}, config)
-                checkpoints.append(path)
-            if config.eval_every and config.eval_benchmarks and (
-                iteration % config.eval_every == 0 or iteration == config.num_iterations
-            ):
-                metrics.update(_evaluate(config, policy, model, named, ema, iteration, eval_scorers, accelerator))
-            metrics.update({"iteration": iteration, "optimizer_step": step,
-                            "time/iteration_s": time.perf_counter() - t0})
-            history.append(_log(metrics, writer, out_dir, main_process))
+            history.append(end_iteration(config, accelerator, policy, model, named, optimizer, scheduler, ema, rng,
+                                         iteration, step, metrics, t0, checkpoints, eval_scorers, writer))
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('reward/total', math.nan):.4f}")
     finally:
@@ -518,6 +508,40 @@ def _train(
             writer.close()
     accelerator.wait_for_everyone()
     return GRPOResult(out_dir, max(start, config.num_iterations), step, history, checkpoints, policy)
+
+
+def end_iteration(
+    config: GRPOConfig,
+    accelerator: Any,
+    policy: Any,
+    model: torch.nn.Module,
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: Any,
+    scheduler: Any,
+    ema: EMA | None,
+    rng: np.random.Generator,
+    iteration: int,
+    step: int,
+    metrics: dict[str, Any],
+    t0: float,
+    checkpoints: list[Path],
+    eval_scorers: Mapping[str, Scorer] | None,
+    writer: Any,
+) -> dict[str, float]:
+    """The tail every training loop (GRPO, OPD, SFT) shares: the checkpoint and the evaluation when due, then
+    the iteration's metrics logged (tensorboard, metrics.jsonl); returns the logged metrics."""
+    out_dir = Path(config.output_dir)
+    if iteration % config.save_every == 0 or iteration == config.num_iterations:
+        path = out_dir / "checkpoints" / f"iteration-{iteration:06d}"
+        save_checkpoint(path, accelerator, model, named, optimizer, scheduler, ema, rng,
+                        {"iteration": iteration, "optimizer_step": step}, config)
+        checkpoints.append(path)
+    if config.eval_every and config.eval_benchmarks and (
+        iteration % config.eval_every == 0 or iteration == config.num_iterations
+    ):
+        metrics.update(_evaluate(config, policy, model, named, ema, iteration, eval_scorers, accelerator))
+    metrics.update({"iteration": iteration, "optimizer_step": step, "time/iteration_s": time.perf_counter() - t0})
+    return _log(metrics, writer, out_dir, accelerator.is_main_process)
 
 
 def _check(config: GRPOConfig, require_reward: bool = True) -> None:

@@ -85,12 +85,12 @@ from flowopd.train.grpo import (
     _writer,
     compute_advantages,
     describe_fields,
+    end_iteration,
     has_reward,
     load_checkpoint,
     micro_batches,
     plan_iteration,
     plan_probe,
-    save_checkpoint,
 )
 from flowopd.train.grpo import _help as _field
 from flowopd.train.lora import EMA, lora_parameters, set_trainable_module, trainable_module, unwrap
@@ -589,18 +589,8 @@ def _train(
             del traj, cond
             metrics.update({"time/sample_s": timing["sample"], "time/reward_wait_s": timing["reward_wait"],
                             "time/train_s": time.perf_counter() - t1})
-            if iteration % config.save_every == 0 or iteration == config.num_iterations:
-                path = out_dir / "checkpoints" / f"iteration-{iteration:06d}"
-                save_checkpoint(path, accelerator, model, named, optimizer, scheduler, ema, rng,
-                                {"iteration": iteration, "optimizer_step": step}, config)
-                checkpoints.append(path)
-            if config.eval_every and config.eval_benchmarks and (
-                iteration % config.eval_every == 0 or iteration == config.num_iterations
-            ):
-                metrics.update(_evaluate(config, policy, model, named, ema, iteration, eval_scorers, accelerator))
-            metrics.update({"iteration": iteration, "optimizer_step": step,
-                            "time/iteration_s": time.perf_counter() - t0})
-            history.append(_log(metrics, writer, out_dir, main_process))
+            history.append(end_iteration(config, accelerator, policy, model, named, optimizer, scheduler, ema, rng,
+                                         iteration, step, metrics, t0, checkpoints, eval_scorers, writer))
             bar.update(1)
             bar.set_postfix(kl=f"{metrics.get('train/kl_t', math.nan):.4g}")
     finally:

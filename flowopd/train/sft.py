@@ -59,9 +59,9 @@ from flowopd.train.grpo import (
     _unwrapped,
     _writer,
     describe_fields,
+    end_iteration,
     has_reward,
     load_checkpoint,
-    save_checkpoint,
 )
 from flowopd.train.grpo import _help as _field
 from flowopd.train.lora import EMA, LORA_TARGET_MODULES, lora_parameters, set_trainable_module
@@ -341,18 +341,8 @@ def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
                                            x0, cond, plan, local, n_micro, step)
             metrics.update(stats)
             metrics.update({"time/data_s": t1 - t0, "time/train_s": time.perf_counter() - t1})
-            if iteration % config.save_every == 0 or iteration == config.num_iterations:
-                path = out_dir / "checkpoints" / f"iteration-{iteration:06d}"
-                save_checkpoint(path, accelerator, model, named, optimizer, scheduler, ema, rng,
-                                {"iteration": iteration, "optimizer_step": step}, config)
-                checkpoints.append(path)
-            if config.eval_every and config.eval_benchmarks and (
-                iteration % config.eval_every == 0 or iteration == config.num_iterations
-            ):
-                metrics.update(_evaluate(config, policy, model, named, ema, iteration, eval_scorers, accelerator))
-            metrics.update({"iteration": iteration, "optimizer_step": step,
-                            "time/iteration_s": time.perf_counter() - t0})
-            history.append(_log(metrics, writer, out_dir, main_process))
+            history.append(end_iteration(config, accelerator, policy, model, named, optimizer, scheduler, ema, rng,
+                                         iteration, step, metrics, t0, checkpoints, eval_scorers, writer))
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.4g}")
     finally:
