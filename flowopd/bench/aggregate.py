@@ -37,6 +37,16 @@ def _ratio(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return sums.sum(-1) / counts.sum(-1)
 
 
+def bootstrap_metric(value: float, boot: np.ndarray, n: int) -> Metric:
+    """A point value with the 2.5/97.5 percentiles and the standard deviation of its bootstrap draws (NaN
+    draws, from resamples where a stratum had no scored image, are left out)."""
+    finite = boot[np.isfinite(boot)]
+    if finite.size == 0:
+        return Metric(value, np.nan, np.nan, np.nan, n)
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return Metric(value, float(lo), float(hi), float(finite.std(ddof=1)) if finite.size > 1 else 0.0, n)
+
+
 def aggregate(
     df: pd.DataFrame,
     rule: str = "mean",
@@ -67,21 +77,14 @@ def aggregate(
         draw = rng.integers(0, len(sums), size=(n_boot, len(sums)))
         boots[name] = _ratio(sums[draw], cnts[draw])
 
-    def metric(value: float, boot: np.ndarray, n: int) -> Metric:
-        finite = boot[np.isfinite(boot)]
-        if finite.size == 0:
-            return Metric(value, np.nan, np.nan, np.nan, n)
-        lo, hi = np.percentile(finite, [2.5, 97.5])
-        return Metric(value, float(lo), float(hi), float(finite.std(ddof=1)) if finite.size > 1 else 0.0, n)
-
     out: dict[str, Metric] = {}
     if rule == "mean":
-        out["mean"] = metric(values["mean"], boots["mean"], counts["mean"])
+        out["mean"] = bootstrap_metric(values["mean"], boots["mean"], counts["mean"])
         return out
     names = sorted(strata)
     headline = float(np.nanmean([values[g] for g in names]))
     headline_boot = np.nanmean(np.stack([boots[g] for g in names]), axis=0)
-    out["mean"] = metric(headline, headline_boot, sum(counts.values()))
+    out["mean"] = bootstrap_metric(headline, headline_boot, sum(counts.values()))
     for g in names:
-        out[g] = metric(values[g], boots[g], counts[g])
+        out[g] = bootstrap_metric(values[g], boots[g], counts[g])
     return out

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flowopd.bench.aggregate import Metric, _per_prompt, _ratio
+from flowopd.bench.aggregate import Metric, _per_prompt, _ratio, bootstrap_metric
 from flowopd.bench.results import load_results
 from flowopd.bench.spec import get_spec
 
@@ -91,14 +91,6 @@ def _strata(df: pd.DataFrame, keep: pd.Series, rule: str, group_by: str) -> dict
     return {str(g): part[keep.loc[part.index]] for g, part in df.groupby(group_by, sort=True)}
 
 
-def _metric(value: float, boot: np.ndarray, n: int) -> Metric:
-    finite = boot[np.isfinite(boot)]
-    if finite.size == 0:
-        return Metric(value, math.nan, math.nan, math.nan, n)
-    lo, hi = np.percentile(finite, [2.5, 97.5])
-    return Metric(value, float(lo), float(hi), float(finite.std(ddof=1)) if finite.size > 1 else 0.0, n)
-
-
 def _paired(
     df_a: pd.DataFrame, df_b: pd.DataFrame, rule: str, group_by: str, n_boot: int, seed: int, label: str
 ) -> tuple[dict[str, float], dict[str, float], dict[str, Metric]]:
@@ -130,7 +122,7 @@ def _paired(
         boots_b[name] = _ratio(sums_b[draw], cnts[draw])
 
     if rule == "mean":
-        diff = {"mean": _metric(values_a["mean"] - values_b["mean"], boots_a["mean"] - boots_b["mean"],
+        diff = {"mean": bootstrap_metric(values_a["mean"] - values_b["mean"], boots_a["mean"] - boots_b["mean"],
                                 counts["mean"])}
         return values_a, values_b, diff
     names = sorted(strata_a)
@@ -138,9 +130,9 @@ def _paired(
     head_b = float(np.nanmean([values_b[g] for g in names]))
     boot_head = (np.nanmean(np.stack([boots_a[g] for g in names]), axis=0)
                  - np.nanmean(np.stack([boots_b[g] for g in names]), axis=0))
-    diff = {"mean": _metric(head_a - head_b, boot_head, sum(counts.values()))}
+    diff = {"mean": bootstrap_metric(head_a - head_b, boot_head, sum(counts.values()))}
     for g in names:
-        diff[g] = _metric(values_a[g] - values_b[g], boots_a[g] - boots_b[g], counts[g])
+        diff[g] = bootstrap_metric(values_a[g] - values_b[g], boots_a[g] - boots_b[g], counts[g])
     return {"mean": head_a, **values_a}, {"mean": head_b, **values_b}, diff
 
 
