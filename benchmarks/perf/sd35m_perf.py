@@ -304,8 +304,9 @@ def measure_grpo_step(
         _train_iteration,
         compute_advantages,
         micro_batches,
+        prepare_policy,
     )
-    from flowopd.train.lora import add_lora, lora_parameters, set_trainable_module
+    from flowopd.train.lora import lora_parameters, set_trainable_module
     from flowopd.train.rollout import sde_window, trained_positions
 
     group = args.grpo_group
@@ -316,15 +317,7 @@ def measure_grpo_step(
                         updates_per_iteration=1, ema=False, tensorboard=False, progress=False)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-    # what flowopd.train.grpo._build_policy does after loading the checkpoint
-    pipe = policy.pipe
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.requires_grad_(False)
-    pipe.vae.to(torch.float32)  # the trainer decodes rollouts in float32
-    model = add_lora(policy.transformer, config.lora_rank, config.lora_alpha, config.lora_target_modules,
-                     config.lora_init, base_model=config.model)
-    set_trainable_module(policy, model)
+    model = prepare_policy(policy, config)  # as the trainer: frozen base, float32 VAE, float32 LoRA
 
     n_train = len(trained_positions(config.num_steps, config.num_steps, config.timestep_fraction, False))
     # one optimizer step per micro-batch, accumulated over its trained steps, as flowopd.train.grpo._train sets it

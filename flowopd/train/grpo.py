@@ -586,8 +586,14 @@ def _build_policy(config: GRPOConfig, device: torch.device) -> tuple[Any, torch.
     """Load the base policy frozen in the run's dtype and put a float32 LoRA adapter on its velocity network."""
     from flowopd.models.loading import load_policy
 
+    policy = load_policy(config.model, device=device, dtype=_DTYPES[config.mixed_precision])
+    return policy, prepare_policy(policy, config)
+
+
+def prepare_policy(policy: Any, config: GRPOConfig) -> torch.nn.Module:
+    """Freeze a loaded policy in the run's dtype (VAE in float32) and put the run's float32 LoRA adapter on its
+    velocity network; returns the adapted network, already set back on the policy."""
     dtype = _DTYPES[config.mixed_precision]
-    policy = load_policy(config.model, device=device, dtype=dtype)
     pipe = getattr(policy, "pipe", None)
     if pipe is not None:
         for component in pipe.components.values():
@@ -600,7 +606,7 @@ def _build_policy(config: GRPOConfig, device: torch.device) -> tuple[Any, torch.
     model = add_lora(trainable_module(policy), config.lora_rank, config.lora_alpha, config.lora_target_modules,
                      config.lora_init, adapter_path=config.lora_path or None, base_model=config.model)
     set_trainable_module(policy, model)
-    return policy, model
+    return model
 
 
 def _rollout(
