@@ -323,7 +323,7 @@ def measure_grpo_step(
     # one optimizer step per micro-batch, accumulated over its trained steps, as flowopd.train.grpo._train sets it
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=n_train,
                               cpu=device.type == "cpu")
-    if accelerator.device != device:
+    if (accelerator.device.type, accelerator.device.index or 0) != (device.type, device.index or 0):  # cuda == cuda:0
         raise RuntimeError(f"the GRPO step runs on accelerate's device {accelerator.device}, not --device {device}; "
                            f"pass --device {accelerator.device} or set CUDA_VISIBLE_DEVICES")
     named = lora_parameters(model)
