@@ -213,3 +213,26 @@ def test_check_fails_above_and_passes_below_the_measured_score(tmp_path, capsys)
     thresholds.write_text('[floors.default]\n"mini-ocr/mean" = 0.4\n')
     floors = load_thresholds(thresholds, None, "mini:base")
     assert check_floors(json.loads(path.read_text()), floors) == ["mini-ocr/mean: missing from results (floor 0.4)"]
+
+
+def test_validation_specs_select_on_train_prompts_never_seen_by_the_test_benchmark(monkeypatch):
+    # training/val_benchmarks: where the GPU teachers' checkpoints were chosen (training/configs/mini_grpo_*.toml)
+    from pathlib import Path
+
+    from flowopd.world.grammar import prompt_set
+
+    monkeypatch.setenv("FLOWOPD_BENCHMARKS_DIR", str(Path(__file__).resolve().parents[1] / "training/val_benchmarks"))
+    specs = all_specs()
+    for task in ("geneval", "ocr"):
+        val, test = specs[f"mini-{task}-val"], specs[f"mini-{task}"]
+        assert (val.scorer, val.aggregation) == (test.scorer, test.aggregation)
+        assert val.prompts.args == {"task": task, "split": "train"}
+        assert val.generation.seed != test.generation.seed
+        train = {m["prompt"] for m in prompt_set(task, "train")}
+        shared = [m for m in prompt_set(task, "test") if m["prompt"] in train]
+        if task == "ocr":
+            assert not shared
+        else:  # docs/mini_world.md: tags too small to split test on training prompts (other seeds); color_attr is split
+            assert shared and "color_attr" not in {m["tag"] for m in shared}
+    monkeypatch.delenv("FLOWOPD_BENCHMARKS_DIR")
+    assert "mini-geneval-val" not in all_specs()  # not a reported benchmark
