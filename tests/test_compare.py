@@ -12,7 +12,7 @@ import pytest
 
 from flowopd.bench.aggregate import aggregate
 from flowopd.bench.cli import main
-from flowopd.bench.compare import compare_runs, paired_difference
+from flowopd.bench.compare import compare_combined, compare_runs, paired_difference, table_weights
 from flowopd.bench.results import load_results, new_results, save_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +203,44 @@ def test_cli_prints_and_writes_the_comparison(runs, tmp_path, capsys):
     assert err.startswith("error: ") and "nowhere" in err and err.count("\n") == 1
 
 
+def test_table1_average_weights():
+    assert table_weights("table1") == ("Average", {"mini-geneval": 0.25, "mini-ocr": 0.25, "mini-quality": 0.05,
+                                                   "mini-pick": 0.025})
+    label, sd35m = table_weights("table1", "sd35m")
+    assert label == "Average" and sd35m["pickscore"] == pytest.approx(1 / 104)
+    with pytest.raises(ValueError, match="no combined column"):
+        table_weights("table2")
+
+
+def test_combined_resamples_benchmarks_on_the_same_images_jointly(tmp_path):
+    # mini-quality scores mini-geneval's images (images_from): per prompt, the quality difference is built to
+    # cancel 0.25 x the GenEval difference exactly, so the combined difference is the same on every joint draw
+    rng = np.random.default_rng(11)
+    n = 24  # 8 prompts per group: a stratified draw keeps the groups' sizes, so the tag-mean equals the mean
+    delta = np.repeat(rng.uniform(-0.2, 0.2, size=(n, 1)), 2, axis=1)
+    g_b = rng.uniform(0.3, 0.7, size=(n, 2))
+    q_b = rng.uniform(2, 4, size=(n, 2))
+    o_b = rng.uniform(0, 1, size=(16, 2))
+    frames_b = {"mini-geneval": (frame(g_b), "mean_of_tag_means", "tag"), "mini-quality": (frame(q_b), "mean", ""),
+                "mini-ocr": (frame(o_b), "mean", "")}
+    frames_a = {"mini-geneval": (frame(g_b + delta), "mean_of_tag_means", "tag"),
+                "mini-quality": (frame(q_b - 5 * delta + 0.5), "mean", ""), "mini-ocr": (frame(o_b + 0.1), "mean", "")}
+    run_a, run_b = write_run(tmp_path / "a", "mini:aaa", frames_a), write_run(tmp_path / "b", "mini:bbb", frames_b)
+    weights = {"mini-geneval": 0.25, "mini-quality": 0.05, "mini-ocr": 0.25}
+    row = compare_combined(run_a, run_b, weights, label="avg", n_boot=400)
+    per = {r["benchmark"]: r for r in compare_runs(run_a, run_b, n_boot=50) if r["metric"] == "mean"}
+    assert row["value_a"] == pytest.approx(sum(w * per[b]["value_a"] for b, w in weights.items()), abs=1e-12)
+    assert row["value_b"] == pytest.approx(sum(w * per[b]["value_b"] for b, w in weights.items()), abs=1e-12)
+    assert row["diff"] == pytest.approx(0.05, abs=1e-9)  # 0.25 x 0.1 (OCR) + 0.05 x 0.5 (the cancelling pair)
+    assert row["ci_low"] == pytest.approx(0.05, abs=1e-9) and row["ci_high"] == pytest.approx(0.05, abs=1e-9)
+    assert row["significant"] and row["benchmark"] == "avg"
+    # resampled independently, GenEval and quality would each carry their own spread
+    assert per["mini-geneval"]["ci_high"] - per["mini-geneval"]["ci_low"] > 0.02
+    with pytest.raises(ValueError, match="has no results for benchmark 'mini-pick'"):
+        compare_combined(run_a, run_b, {**weights, "mini-pick": 0.025})
+    assert main(["compare", str(run_a), str(run_b), "--combined", "table1"]) == 2
+
+
 @pytest.mark.skipif(not (REPO / "reports/mini/grpo-pick/results.json").is_file(), reason="no committed mini runs")
 def test_committed_mini_runs():
     run_a, run_b = REPO / "reports/mini/grpo-pick", REPO / "reports/mini/base"
@@ -215,3 +253,6 @@ def test_committed_mini_runs():
         key = f"{r['benchmark']}/{r['metric']}"
         assert abs(r["value_a"] - res_a["metrics"][key]) < 1e-9
         assert abs(r["value_b"] - res_b["metrics"][key]) < 1e-9
+    combined = compare_combined(run_a, run_b, table_weights("table1")[1], n_boot=200)
+    assert combined["diff"] == pytest.approx(combined["value_a"] - combined["value_b"])
+    assert combined["ci_low"] <= combined["diff"] <= combined["ci_high"]

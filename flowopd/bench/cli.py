@@ -127,6 +127,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     res_a, res_b = load_results(args.run_a), load_results(args.run_b)
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
     rows = compare_runs(res_a, res_b, benchmarks=benchmarks, n_boot=args.n_boot)
+    if args.combined:
+        from flowopd.bench.compare import compare_combined, table_weights
+
+        table, _, scale = args.combined.partition(":")
+        label, weights = table_weights(table, scale or "mini")
+        rows.append(compare_combined(res_a, res_b, weights, label=f"{table}:{label}", n_boot=args.n_boot))
     name_a, name_b = res_a["checkpoint"], res_b["checkpoint"]
     print(markdown_comparison(rows, name_a, name_b, args.n_boot))
     if args.out:
@@ -212,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", help="comma-separated names (default: every benchmark both runs hold)")
     p.add_argument("--out", help="also write compare.md and compare.csv to this directory")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws (default: 2000)")
+    p.add_argument("--combined", metavar="TABLE[:SCALE]",
+                   help="also compare a table's combined column (table1 -> Table 1's Average at the mini scale; "
+                        "table1:sd35m), resampling the benchmarks jointly")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("check", help="exit 1 when a metric is below its floor")

@@ -226,6 +226,113 @@ def compare_runs(
     return rows
 
 
+def table_weights(table: str, scale: str = "mini") -> tuple[str, dict[str, float]]:
+    """A table's combined column (Table 1's Average) as ``(label, {benchmark: weight})`` at ``scale``."""
+    from flowopd.bench.report import load_table
+
+    columns = load_table(table)["columns"]
+    metrics = {c["label"]: c.get("metric", {}).get(scale) for c in columns}
+    for column in columns:
+        combine = column.get("combine", {}).get(scale)
+        if not combine:
+            continue
+        weights: dict[str, float] = {}
+        for label, weight in combine.items():
+            bench, _, metric = (metrics.get(label) or "").partition("/")
+            if metric != "mean":
+                raise ValueError(f"table {table!r}: column {column['label']!r} combines {label!r}, which is not a "
+                                 f"benchmark's mean at scale {scale!r}")
+            weights[bench] = float(weight)
+        return column["label"], weights
+    raise ValueError(f"table {table!r} has no combined column (like Table 1's Average) at scale {scale!r}")
+
+
+def _pool_arrays(
+    df_a: pd.DataFrame, df_b: pd.DataFrame, prompts: np.ndarray, label: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-prompt score sums of A and B and the shared counts over the pairs scored in both, in ``prompts`` order."""
+    a, b = df_a.reset_index(drop=True), df_b.reset_index(drop=True)
+    keep_a, keep_b = _scored_in_both(a, b), _scored_in_both(b, a)
+    pa, pb = _per_prompt(a[keep_a]).reindex(prompts), _per_prompt(b[keep_b]).reindex(prompts)
+    if not np.array_equal(pa["count"].fillna(0).to_numpy(), pb["count"].fillna(0).to_numpy()):
+        raise ValueError(f"{label}: the runs scored different images per prompt")
+    return (pa["sum"].fillna(0).to_numpy(), pb["sum"].fillna(0).to_numpy(), pa["count"].fillna(0).to_numpy())
+
+
+def compare_combined(
+    run_a: str | Path | dict[str, Any],
+    run_b: str | Path | dict[str, Any],
+    weights: dict[str, float],
+    label: str = "combined",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A - B of a weighted sum of benchmark means (Table 1's Average), with a paired 95% interval.
+
+    The benchmarks are resampled *jointly*: those that score the same images (``images_from``, e.g.
+    mini-quality and mini-pick on mini-geneval's images) share one draw of prompts per bootstrap draw
+    (stratified by the group column of a grouped benchmark among them, as ``compare`` does), and separate
+    prompt sets are drawn independently; each draw evaluates every benchmark's rule on A and on B. So the
+    interval accounts for the correlation between benchmarks measured on the same images. The point values
+    equal the weighted sums of ``compare_runs``' values. Returns one row like ``compare_runs``' rows.
+    """
+    res_a = run_a if isinstance(run_a, dict) else load_results(run_a)
+    res_b = run_b if isinstance(run_b, dict) else load_results(run_b)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    pools: dict[str, list[str]] = {}
+    for name in weights:
+        for side, res in (("A", res_a), ("B", res_b)):
+            if name not in res["benchmarks"]:
+                raise ValueError(f"run {side} ({res['_path']}) has no results for benchmark {name!r}, which "
+                                 f"{label!r} combines")
+        _check_same(name, res_a["benchmarks"][name], res_b["benchmarks"][name], res_a["_path"], res_b["_path"])
+        pools.setdefault(get_spec(name).images_from or name, []).append(name)
+
+    rng = np.random.default_rng(seed)
+    point_a = point_b = 0.0
+    boot_a, boot_b = np.zeros(n_boot), np.zeros(n_boot)
+    n_prompts = 0
+    for members in pools.values():
+        frames = {m: (_scores(res_a, m), _scores(res_b, m)) for m in members}
+        rules = {m: res_a["benchmarks"][m]["aggregation"] for m in members}
+        grouped = [m for m in members if rules[m] in GROUPED_RULES]
+        group_by = {get_spec(m).group_by for m in grouped}
+        if len(group_by) > 1:
+            raise ValueError(f"{', '.join(members)} share images but group by different columns {sorted(group_by)}")
+        first = frames[members[0]][0]
+        prompts = np.sort(first["index"].unique())
+        if group_by:
+            column = group_by.pop()
+            owner = frames[grouped[0]][0].drop_duplicates("index").set_index("index")[column].reindex(prompts)
+            strata = [np.flatnonzero((owner == g).to_numpy()) for g in sorted(owner.dropna().unique())]
+        else:
+            strata = [np.arange(len(prompts))]
+        draws = [pos[rng.integers(0, len(pos), size=(n_boot, len(pos)))] for pos in strata]
+        n_prompts += len(prompts)
+        for m in members:
+            df_a, df_b = frames[m]
+            _check_pairs(df_a, df_b, get_spec(m).group_by if m in grouped else "", m)
+            sa, sb, cnt = _pool_arrays(df_a, df_b, prompts, m)
+            if m in grouped:
+                va = float(np.nanmean([_ratio(sa[p], cnt[p]) for p in strata]))
+                vb = float(np.nanmean([_ratio(sb[p], cnt[p]) for p in strata]))
+                with np.errstate(invalid="ignore"):
+                    ba = np.nanmean(np.stack([_ratio(sa[d], cnt[d]) for d in draws]), axis=0)
+                    bb = np.nanmean(np.stack([_ratio(sb[d], cnt[d]) for d in draws]), axis=0)
+            else:
+                whole = np.concatenate(draws, axis=1)
+                va, vb = float(_ratio(sa, cnt)), float(_ratio(sb, cnt))
+                ba, bb = _ratio(sa[whole], cnt[whole]), _ratio(sb[whole], cnt[whole])
+            w = weights[m]
+            point_a, point_b = point_a + w * va, point_b + w * vb
+            boot_a, boot_b = boot_a + w * ba, boot_b + w * bb
+    diff = bootstrap_metric(point_a - point_b, boot_a - boot_b, n_prompts)
+    return {"benchmark": label, "metric": "combined", "value_a": point_a, "value_b": point_b, "diff": diff.value,
+            "ci_low": diff.ci_low, "ci_high": diff.ci_high, "stderr": diff.stderr, "n": diff.n,
+            "significant": bool(diff.ci_low > 0 or diff.ci_high < 0)}
+
+
 def _fmt(value: float, signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return "-"
