@@ -234,5 +234,28 @@ def test_validation_specs_select_on_train_prompts_never_seen_by_the_test_benchma
             assert not shared
         else:  # docs/mini_world.md: tags too small to split test on training prompts (other seeds); color_attr is split
             assert shared and "color_attr" not in {m["tag"] for m in shared}
+    for name in ("mini-quality-val", "mini-pick-val"):  # score mini-geneval-val's images, like their test specs
+        owner = specs[specs[name].images_from]
+        assert owner.name == "mini-geneval-val" and specs[name].scorer == specs[name.removesuffix("-val")].scorer
+        assert (specs[name].prompts, specs[name].generation) == (owner.prompts, owner.generation)
     monkeypatch.delenv("FLOWOPD_BENCHMARKS_DIR")
     assert "mini-geneval-val" not in all_specs()  # not a reported benchmark
+
+
+def test_images_from_after_a_benchmark_with_other_generation_settings(monkeypatch, tmp_path):
+    # regression: evaluate() reused one variable for the caller's generation overrides and for the previous
+    # spec's recorded settings, so an images_from benchmark after mini-ocr-val (1 image per prompt) was checked
+    # against its owner with the wrong settings and refused
+    from pathlib import Path
+
+    from flowopd.bench.evaluate import evaluate
+
+    monkeypatch.setenv("FLOWOPD_BENCHMARKS_DIR", str(Path(__file__).resolve().parents[1] / "training/val_benchmarks"))
+    torch.manual_seed(0)
+    res = evaluate("mini:base", ["mini-geneval-val", "mini-ocr-val", "mini-quality-val"], out=tmp_path / "run",
+                   limit=2, generation={"steps": 3}, progress=False, log=lambda _: None)
+    gen = {name: res["benchmarks"][name]["generation"] for name in res["benchmarks"]}
+    assert gen["mini-ocr-val"]["images_per_prompt"] == 1 and gen["mini-quality-val"]["images_per_prompt"] == 4
+    assert {g["steps"] for g in gen.values()} == {3}  # the override reaches every spec
+    assert res["benchmarks"]["mini-quality-val"]["images"] == res["benchmarks"]["mini-geneval-val"]["images"]
+    assert res["benchmarks"]["mini-quality-val"]["n_images"] == 8

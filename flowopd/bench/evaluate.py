@@ -111,7 +111,7 @@ def evaluate(
             if (root / spec.name).is_dir():
                 root = root / spec.name
             files = find_external_images(root, len(prompts))
-            generation = None
+            record = None
         else:
             image_set = spec.images_from or spec.name
             if spec.images_from:
@@ -126,7 +126,7 @@ def evaluate(
                 log(f"{spec.name}: all {len(prompts) * spec.generation.images_per_prompt} images cached in {root}")
             n = spec.generation.images_per_prompt
             files = {i: [sample_path(root, i, k) for k in range(n)] for i in range(len(prompts))}
-            generation = spec.generation.__dict__
+            record = spec.generation.__dict__  # not `generation`: that is the caller's override for every spec
         key = (spec.scorer, repr(sorted(spec.scorer_options.items())))
         if scorers and spec.name in scorers:
             scorer = scorers[spec.name]
@@ -145,7 +145,7 @@ def evaluate(
             "scale": list(spec.scale),
             "higher_is_better": spec.higher_is_better,
             "aggregation": spec.aggregation,
-            "generation": generation,
+            "generation": record,
             "images": str(root),
             "limit": limit,
             "n_prompts": len(prompts),
