@@ -1,6 +1,7 @@
 """Registry, specs, prompt sets, aggregation, results, check: the harness's pure parts and its errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,9 @@ from flowopd.bench.spec import PromptSetSpec, all_specs, get_spec, parse_spec
 from flowopd.data import PromptFileError, fetch_prompt_file, load_prompts
 from flowopd.registry import Registry, UnknownNameError
 from flowopd.scorers import SCORERS, ScoreBatch
+
+#: validation analogues of the mini benchmarks (train-split prompts), found through FLOWOPD_BENCHMARKS_DIR
+VAL_BENCHMARKS = Path(__file__).resolve().parents[1] / "training" / "val_benchmarks"
 
 METHOD_BENCHMARKS = {
     "geneval", "ocr", "deqa", "pickscore", "imagereward", "aesthetic", "hps", "qwenvl",
@@ -217,11 +221,9 @@ def test_check_fails_above_and_passes_below_the_measured_score(tmp_path, capsys)
 
 def test_validation_specs_select_on_train_prompts_never_seen_by_the_test_benchmark(monkeypatch):
     # training/val_benchmarks: where the GPU teachers' checkpoints were chosen (training/configs/mini_grpo_*.toml)
-    from pathlib import Path
-
     from flowopd.world.grammar import prompt_set
 
-    monkeypatch.setenv("FLOWOPD_BENCHMARKS_DIR", str(Path(__file__).resolve().parents[1] / "training/val_benchmarks"))
+    monkeypatch.setenv("FLOWOPD_BENCHMARKS_DIR", str(VAL_BENCHMARKS))
     specs = all_specs()
     for task in ("geneval", "ocr"):
         val, test = specs[f"mini-{task}-val"], specs[f"mini-{task}"]
@@ -246,11 +248,9 @@ def test_images_from_after_a_benchmark_with_other_generation_settings(monkeypatc
     # regression: evaluate() reused one variable for the caller's generation overrides and for the previous
     # spec's recorded settings, so an images_from benchmark after mini-ocr-val (1 image per prompt) was checked
     # against its owner with the wrong settings and refused
-    from pathlib import Path
-
     from flowopd.bench.evaluate import evaluate
 
-    monkeypatch.setenv("FLOWOPD_BENCHMARKS_DIR", str(Path(__file__).resolve().parents[1] / "training/val_benchmarks"))
+    monkeypatch.setenv("FLOWOPD_BENCHMARKS_DIR", str(VAL_BENCHMARKS))
     torch.manual_seed(0)
     res = evaluate("mini:base", ["mini-geneval-val", "mini-ocr-val", "mini-quality-val"], out=tmp_path / "run",
                    limit=2, generation={"steps": 3}, progress=False, log=lambda _: None)

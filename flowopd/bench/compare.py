@@ -16,7 +16,7 @@ average the same images; with no such one-sided NaN the point values are exactly
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,15 @@ def _scores(results: dict[str, Any], name: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def _require_benchmarks(res_a: dict[str, Any], res_b: dict[str, Any], names: Iterable[str], why: str = "") -> None:
+    """ValueError naming the first benchmark of ``names`` that run A or B has no results for."""
+    for name in names:
+        for side, res in (("A", res_a), ("B", res_b)):
+            if name not in res["benchmarks"]:
+                raise ValueError(f"run {side} ({res['_path']}) has no results for benchmark {name!r}{why} "
+                                 f"(it has: {', '.join(sorted(res['benchmarks'])) or 'none'})")
+
+
 def compare_runs(
     run_a: str | Path | dict[str, Any],
     run_b: str | Path | dict[str, Any],
@@ -200,11 +209,7 @@ def compare_runs(
     path_a, path_b = res_a["_path"], res_b["_path"]
     if benchmarks:
         names = list(benchmarks)
-        for name in names:
-            for side, res in (("A", res_a), ("B", res_b)):
-                if name not in res["benchmarks"]:
-                    raise ValueError(f"run {side} ({res['_path']}) has no results for benchmark {name!r} "
-                                     f"(it has: {', '.join(sorted(res['benchmarks'])) or 'none'})")
+        _require_benchmarks(res_a, res_b, names)
     else:
         names = sorted(set(res_a["benchmarks"]) & set(res_b["benchmarks"]))
         if not names:
@@ -281,11 +286,8 @@ def compare_combined(
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     pools: dict[str, list[str]] = {}
+    _require_benchmarks(res_a, res_b, weights, f", which {label!r} combines")
     for name in weights:
-        for side, res in (("A", res_a), ("B", res_b)):
-            if name not in res["benchmarks"]:
-                raise ValueError(f"run {side} ({res['_path']}) has no results for benchmark {name!r}, which "
-                                 f"{label!r} combines")
         _check_same(name, res_a["benchmarks"][name], res_b["benchmarks"][name], res_a["_path"], res_b["_path"])
         pools.setdefault(get_spec(name).images_from or name, []).append(name)
 
