@@ -259,3 +259,24 @@ def test_images_from_after_a_benchmark_with_other_generation_settings(monkeypatc
     assert {g["steps"] for g in gen.values()} == {3}  # the override reaches every spec
     assert res["benchmarks"]["mini-quality-val"]["images"] == res["benchmarks"]["mini-geneval-val"]["images"]
     assert res["benchmarks"]["mini-quality-val"]["n_images"] == 8
+
+
+def test_more_images_per_prompt_extend_a_cached_image_set(tmp_path):
+    from flowopd.bench.evaluate import evaluate
+
+    def run(**generation):
+        return evaluate("mini:base", ["mini-ocr"], out=tmp_path / "run", limit=2,
+                        generation={"steps": 2, **generation}, progress=False, log=lambda _: None)
+
+    first = run(images_per_prompt=1)["benchmarks"]["mini-ocr"]
+    root = Path(first["images"])
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.glob("*/samples/*.png")}
+    assert first["n_images"] == 2 and len(kept) == 2
+    more = run(images_per_prompt=3)["benchmarks"]["mini-ocr"]
+    assert more["n_images"] == 6 and len(list(root.glob("*/samples/*.png"))) == 6
+    assert all((p.read_bytes(), p.stat().st_mtime_ns) == v for p, v in kept.items())  # cached, not regenerated
+    fresh = evaluate("mini:base", ["mini-ocr"], out=tmp_path / "fresh", limit=2,
+                     generation={"steps": 2, "images_per_prompt": 3}, progress=False, log=lambda _: None)
+    assert fresh["benchmarks"]["mini-ocr"]["metrics"] == more["metrics"]  # the same images as made in one go
+    with pytest.raises(ValueError, match=r"other settings \(steps\)"):
+        run(images_per_prompt=3, steps=3)

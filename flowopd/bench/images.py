@@ -76,12 +76,20 @@ def write_prompt_metadata(root: Path, prompts: Sequence[Mapping[str, Any]]) -> N
             _atomic_write_bytes(path, line.encode())
 
 
+#: generation settings that select how many samples exist, never what any one sample is
+_EXTENSIBLE = frozenset({"images_per_prompt"})
+
+
 def check_generation_record(root: Path, record: Mapping[str, Any]) -> None:
-    """Refuse to mix images made with other settings into one image set."""
+    """Refuse to mix images made with other settings into one image set.
+
+    ``images_per_prompt`` may change: a sample's seed depends on its index alone, so more images per prompt
+    extend the set (the existing ones are kept) and fewer use its first ones.
+    """
     path = root / "generation.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = {k for k in record if k in old and old[k] != record[k]}
+        changed = {k for k in record if k in old and old[k] != record[k] and k not in _EXTENSIBLE}
         if changed:
             raise ValueError(
                 f"{path}: existing images were generated with other settings ({', '.join(sorted(changed))}); "
