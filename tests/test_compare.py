@@ -256,3 +256,43 @@ def test_committed_mini_runs():
     combined = compare_combined(run_a, run_b, table_weights("table1")[1], n_boot=200)
     assert combined["diff"] == pytest.approx(combined["value_a"] - combined["value_b"])
     assert combined["ci_low"] <= combined["diff"] <= combined["ci_high"]
+
+
+def test_replicate_runs_pool_their_images(tmp_path):
+    # two seeds per side: the pooled point value is the mean over the seeds (same images per seed), the
+    # difference the mean of the seeds' differences; the prompt bootstrap draws each prompt with all its images
+    rng = np.random.default_rng(21)
+    sides: dict[str, list[Path]] = {"a": [], "b": []}
+    per_seed = []
+    for s in range(2):
+        g_b = rng.uniform(0.3, 0.7, size=(24, 2))
+        g_a = np.clip(g_b + rng.normal(0.1 * (s + 1), 0.05, size=g_b.shape), 0, 1)
+        o_b = rng.uniform(0, 1, size=(16, 2))
+        o_a = o_b + (0.1 if s == 0 else -0.3)
+        for side, (g, o) in (("a", (g_a, o_a)), ("b", (g_b, o_b))):
+            frames = {"mini-geneval": (frame(g), "mean_of_tag_means", "tag"), "mini-ocr": (frame(o), "mean", "")}
+            sides[side].append(write_run(tmp_path / f"{side}{s}", f"mini:{side}{s}", frames))
+        per_seed.append(compare_runs(sides["a"][s], sides["b"][s], n_boot=50))
+    rows = compare_runs(sides["a"], sides["b"], n_boot=400)
+    assert [(r["benchmark"], r["metric"]) for r in rows] == [(r["benchmark"], r["metric"]) for r in per_seed[0]]
+    for i, r in enumerate(rows):
+        for key in ("value_a", "value_b", "diff"):
+            assert r[key] == pytest.approx((per_seed[0][i][key] + per_seed[1][i][key]) / 2, abs=1e-12)
+        assert r["n"] == per_seed[0][i]["n"] + per_seed[1][i]["n"]
+    ocr = rows[-1]
+    assert ocr["diff"] == pytest.approx(-0.1, abs=1e-12) and ocr["ci_low"] == pytest.approx(-0.1, abs=1e-12)
+    combined = compare_combined(sides["a"], sides["b"], {"mini-geneval": 0.5, "mini-ocr": 0.5}, n_boot=50)
+    assert combined["diff"] == pytest.approx(0.5 * rows[0]["diff"] + 0.5 * ocr["diff"], abs=1e-12)
+
+    out = tmp_path / "cmp"
+    arg_a, arg_b = (",".join(map(str, sides[k])) for k in "ab")
+    assert main(["compare", arg_a, arg_b, "--n-boot", "400", "--out", str(out)]) == 0
+    with open(out / "compare.csv") as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["checkpoint_a"] == "mini:a0 + mini:a1"
+    assert float(table[-1]["diff"]) == pytest.approx(-0.1) and float(table[0]["diff"]) == pytest.approx(rows[0]["diff"])
+
+    odd = write_run(tmp_path / "odd", "mini:odd", {"mini-ocr": (frame(rng.uniform(0, 1, size=(16, 2))), "mean", "")},
+                    steps=20)
+    with pytest.raises(ValueError, match=r"mini-ocr: generation\.steps is 10 in .*a0/results\.json but 20 in"):
+        compare_runs([sides["a"][0], odd], sides["b"])

@@ -174,6 +174,36 @@ def test_saved_adapter_loads_with_peft_and_our_loader(run_a, tiny_model):
     assert all(torch.equal(saved[k.replace(".default", "")], v) for k, v in ema.items())
 
 
+def test_a_checkpoint_or_run_directory_loads_its_adapter(run_a, tiny_model):
+    from flowopd.models.loading import load_policy, model_dir
+    from flowopd.sampling import sample_ode
+
+    run = run_a / "a"
+    newest = run / "checkpoints" / "iteration-000002"
+    assert model_dir(str(run)) == model_dir(str(newest)) == newest / "adapter"
+    first = run / "checkpoints" / "iteration-000001"
+    assert model_dir(str(first)) == first / "adapter"
+    images = []
+    for checkpoint in (newest / "adapter", newest, run):
+        policy = load_policy(str(checkpoint))
+        cond = policy.encode_prompts(["a photo of a red circle"])
+        images.append(sample_ode(policy, cond, policy.initial_noise([3], 16, 16), 3, 4.5))
+    assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
+
+
+def test_a_local_directory_without_a_model_is_named_without_a_download_hint(tmp_path):
+    from flowopd.models.loading import load_policy, model_dir
+    from flowopd.models.sd3 import ModelNotAvailableError
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="without checkpoints"):
+        model_dir(str(tmp_path / "run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotAvailableError, match="training checkpoint") as info:
+        load_policy(str(tmp_path / "empty"))
+    assert "huggingface-cli" not in str(info.value)
+
+
 def test_resume_from_iteration_one_is_bitwise_the_uninterrupted_run(run_a, tiny_model):
     recipe = run_a / "tiny.toml"
     resumed = run_a / "b"

@@ -121,10 +121,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from flowopd.bench.compare import compare_runs, markdown_comparison, write_comparison
-    from flowopd.bench.results import load_results
+    from flowopd.bench.compare import compare_runs, markdown_comparison, pool_replicates, write_comparison
 
-    res_a, res_b = load_results(args.run_a), load_results(args.run_b)
+    runs_a, runs_b = ([r for r in arg.split(",") if r.strip()] for arg in (args.run_a, args.run_b))
+    res_a, res_b = pool_replicates(runs_a), pool_replicates(runs_b)
     benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None
     rows = compare_runs(res_a, res_b, benchmarks=benchmarks, n_boot=args.n_boot)
     if args.combined:
@@ -213,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="paired difference of two runs (A - B) with a paired bootstrap 95% CI")
-    p.add_argument("run_a", help="run directory or results.json of checkpoint A")
-    p.add_argument("run_b", help="run directory or results.json of checkpoint B (same specs and settings)")
+    p.add_argument("run_a", help="run directory or results.json of checkpoint A; several, comma-separated "
+                   "(A1,A2,A3), pool replicate runs of one recipe, e.g. training seeds")
+    p.add_argument("run_b", help="run directory or results.json of checkpoint B (same specs and settings); "
+                   "comma-separated replicates as for A")
     p.add_argument("--benchmarks", help="comma-separated names (default: every benchmark both runs hold)")
     p.add_argument("--out", help="also write compare.md and compare.csv to this directory")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap draws (default: 2000)")

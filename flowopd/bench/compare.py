@@ -11,6 +11,13 @@ grouped rules, as ``aggregate`` does) and applies that draw to both runs; the ru
 ``mean_of_tag_means``, ``per_category``) is evaluated on A and on B and the draw contributes their
 difference. An image whose score is NaN ("not applicable") in either run drops the pair, so both sides
 average the same images; with no such one-sided NaN the point values are exactly ``aggregate``'s.
+
+Replicates: a side may be several runs of one recipe (training seeds), given as a list (``compare A1,A2
+B1,B2`` on the command line; :func:`pool_replicates`). Their images are pooled as more samples of the same
+prompts (replicate ``i``'s sample ``j`` becomes sample ``i * REPLICATE_STRIDE + j``), so the point value is
+the mean over the replicates (they score the same number of images) and the prompt bootstrap, drawing each
+prompt with all its replicates' images, measures the seed-averaged difference on this prompt set. The
+interval is over prompts, not over seeds: with few seeds it does not cover the spread between training runs.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ GROUPED_RULES = ("mean_of_tag_means", "per_category")
 # what a paired comparison needs to agree between the two runs: the same prompts, seeds and scorer
 SAME_FIELDS = ("aggregation", "scorer", "scorer_version", "limit")
 KEY = ["index", "sample"]
+#: Replicate i's sample j is pooled as sample i * REPLICATE_STRIDE + j (see the module docstring).
+REPLICATE_STRIDE = 1_000_000
 
 
 def _examples(pairs: set[tuple[int, int]], k: int = 3) -> str:
@@ -175,11 +184,49 @@ def _check_same(name: str, entry_a: dict[str, Any], entry_b: dict[str, Any], pat
 
 
 def _scores(results: dict[str, Any], name: str) -> pd.DataFrame:
-    path = Path(results["_path"]).parent / "scores" / f"{name}.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no per-sample scores for {name!r} (re-run `python -m flowopd.bench "
-                                "evaluate` on this run to write them)")
-    return pd.read_parquet(path)
+    frames = []
+    for i, results_path in enumerate(results.get("_replicates") or [results["_path"]]):
+        path = Path(results_path).parent / "scores" / f"{name}.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no per-sample scores for {name!r} (re-run `python -m flowopd.bench "
+                                    "evaluate` on this run to write them)")
+        frame = pd.read_parquet(path)
+        if i:
+            frame = frame.assign(sample=frame["sample"] + i * REPLICATE_STRIDE)
+        frames.append(frame)
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def pool_replicates(runs: Sequence[str | Path | dict[str, Any]]) -> dict[str, Any]:
+    """Several evaluated runs of one recipe (e.g. training seeds) as one side of a comparison.
+
+    Returns a results dict whose per-sample scores are the replicates' pooled (module docstring), holding
+    the benchmarks every replicate has. One run is returned as it is. Raises ValueError when the replicates
+    were evaluated with different generation settings, scorer or prompt limit.
+    """
+    loaded = [r if isinstance(r, dict) else load_results(r) for r in runs]
+    if not loaded:
+        raise ValueError("pool_replicates: no runs")
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0]
+    names = [n for n in first["benchmarks"] if all(n in r["benchmarks"] for r in loaded[1:])]
+    if not names:
+        raise ValueError(f"the replicates {', '.join(r['_path'] for r in loaded)} have no benchmark in common")
+    for other in loaded[1:]:
+        for name in names:
+            _check_same(name, first["benchmarks"][name], other["benchmarks"][name], first["_path"], other["_path"])
+    return {**first, "benchmarks": {n: first["benchmarks"][n] for n in names},
+            "checkpoint": " + ".join(str(r["checkpoint"]) for r in loaded),
+            "_path": first["_path"], "_replicates": [r["_path"] for r in loaded]}
+
+
+def _side(run: str | Path | dict[str, Any] | Sequence[str | Path | dict[str, Any]]) -> dict[str, Any]:
+    if isinstance(run, dict):
+        return run
+    if isinstance(run, (str, Path)):
+        return load_results(run)
+    return pool_replicates(run)
 
 
 def _require_benchmarks(res_a: dict[str, Any], res_b: dict[str, Any], names: Iterable[str], why: str = "") -> None:
@@ -191,21 +238,24 @@ def _require_benchmarks(res_a: dict[str, Any], res_b: dict[str, Any], names: Ite
                                  f"(it has: {', '.join(sorted(res['benchmarks'])) or 'none'})")
 
 
+RunArg = str | Path | dict[str, Any] | Sequence[str | Path | dict[str, Any]]
+
+
 def compare_runs(
-    run_a: str | Path | dict[str, Any],
-    run_b: str | Path | dict[str, Any],
+    run_a: RunArg,
+    run_b: RunArg,
     benchmarks: Sequence[str] | None = None,
     n_boot: int = 2000,
 ) -> list[dict[str, Any]]:
-    """Paired comparison of two runs (directories or results.json) on the benchmarks both hold.
+    """Paired comparison of two runs (directories or results.json; a list pools replicates) on the
+    benchmarks both hold.
 
     Returns one row per benchmark metric: ``benchmark, metric, value_a, value_b, diff, ci_low, ci_high,
     stderr, n, significant`` (the paired 95% interval excludes 0). Raises ValueError when a requested
     benchmark is missing from a run, or when the runs' generation settings, scorer, scorer version or
     prompt limit differ (the pairing would be meaningless).
     """
-    res_a = run_a if isinstance(run_a, dict) else load_results(run_a)
-    res_b = run_b if isinstance(run_b, dict) else load_results(run_b)
+    res_a, res_b = _side(run_a), _side(run_b)
     path_a, path_b = res_a["_path"], res_b["_path"]
     if benchmarks:
         names = list(benchmarks)
@@ -265,8 +315,8 @@ def _pool_arrays(
 
 
 def compare_combined(
-    run_a: str | Path | dict[str, Any],
-    run_b: str | Path | dict[str, Any],
+    run_a: RunArg,
+    run_b: RunArg,
     weights: dict[str, float],
     label: str = "combined",
     n_boot: int = 2000,
@@ -281,8 +331,7 @@ def compare_combined(
     interval accounts for the correlation between benchmarks measured on the same images. The point values
     equal the weighted sums of ``compare_runs``' values. Returns one row like ``compare_runs``' rows.
     """
-    res_a = run_a if isinstance(run_a, dict) else load_results(run_a)
-    res_b = run_b if isinstance(run_b, dict) else load_results(run_b)
+    res_a, res_b = _side(run_a), _side(run_b)
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     pools: dict[str, list[str]] = {}

@@ -22,8 +22,15 @@ class ModelNotAvailableError(OSError):
 
 
 def offline_hint(model_id: str, error: BaseException) -> ModelNotAvailableError:
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if Path(model_id).exists():  # a local path that holds no loadable model: a download would not help
+        return ModelNotAvailableError(
+            f"could not load {model_id!r} ({reason}). A local model is a diffusers SD3 directory "
+            f"(model_index.json), a peft adapter directory (adapter_config.json), a training checkpoint "
+            f"(RUN/checkpoints/iteration-N) or a training run directory (RUN)."
+        )
     return ModelNotAvailableError(
-        f"could not load {model_id!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        f"could not load {model_id!r} ({reason}). "
         f"Without network access, download it where you have access "
         f"(`huggingface-cli download {model_id} --local-dir DIR`) and pass DIR instead of the id, "
         f"or set HF_HOME to a cache that holds it."

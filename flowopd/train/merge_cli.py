@@ -41,9 +41,9 @@ def read_adapter(checkpoint: str) -> tuple[dict[str, Any], dict[str, torch.Tenso
     """``(adapter_config.json as a dict, state dict)`` of a peft LoRA directory or ``mini:NAME``."""
     from safetensors.torch import load_file
 
-    from flowopd.models.loading import checkpoint_dir
+    from flowopd.models.loading import model_dir
 
-    path = checkpoint_dir(checkpoint)
+    path = model_dir(checkpoint)
     if not (path / _CONFIG).is_file() or not (path / _WEIGHTS).is_file():
         raise FileNotFoundError(f"{checkpoint!r}: no peft adapter at {path} (expected {_CONFIG} and {_WEIGHTS})")
     config = json.loads((path / _CONFIG).read_text())

@@ -320,9 +320,9 @@ class TeacherSet:
 
 
 def _load_frozen_adapter(peft_model: Any, checkpoint: str, name: str, base_model: str, key: str) -> str:
-    from flowopd.models.loading import adapter_base, checkpoint_dir
+    from flowopd.models.loading import adapter_base, model_dir
 
-    path = checkpoint_dir(checkpoint)
+    path = model_dir(checkpoint)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{key} = {checkpoint!r}: no peft adapter at {path} (expected adapter_config.json)")
     base = adapter_base(checkpoint, base=None)
@@ -483,7 +483,7 @@ def _train(
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
-    from flowopd.models.loading import checkpoint_dir
+    from flowopd.models.loading import model_dir
 
     for module in config.imports:
         importlib.import_module(module)
@@ -510,7 +510,7 @@ def _train(
     out_dir = Path(config.output_dir)
     sampler = PromptSampler(config.prompts, config.mix)
 
-    lora_path = str(checkpoint_dir(config.lora_path)) if config.lora_path else ""
+    lora_path = str(model_dir(config.lora_path)) if config.lora_path else ""
     policy, model = _build_policy(dataclasses.replace(config, lora_path=lora_path), accelerator.device)
     teachers = TeacherSet(model, config.teachers, config.anchor, config.model)
     memory = shared_base_memory(model, teachers.frozen)

@@ -268,7 +268,7 @@ def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
-    from flowopd.models.loading import checkpoint_dir
+    from flowopd.models.loading import model_dir
 
     for module in config.imports:
         importlib.import_module(module)
@@ -286,7 +286,7 @@ def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
     out_dir = Path(config.output_dir)
     sampler = PromptSampler(config.prompts, config.mix)
 
-    lora_path = str(checkpoint_dir(config.lora_path)) if config.lora_path else ""
+    lora_path = str(model_dir(config.lora_path)) if config.lora_path else ""
     policy, model = _build_policy(dataclasses.replace(config, lora_path=lora_path), accelerator.device)
     teachers = TeacherSet(model, config.teachers, "base", config.model) if config.data == "teachers" else None
     named = lora_parameters(model)
