@@ -27,13 +27,9 @@ MINI_FILES = ("config.json", "model.safetensors")
 
 def model_files(source: Path) -> list[Path]:
     """The files to publish from ``source`` (see the module docstring); raises FileNotFoundError."""
-    if (source / "checkpoints").is_dir():
-        found = sorted((source / "checkpoints").glob("iteration-[0-9]*[0-9]"))
-        if not found:
-            raise FileNotFoundError(f"{source}: a run directory without checkpoints (checkpoints/iteration-N)")
-        source = found[-1]
-    if (source / "adapter" / ADAPTER_FILES[0]).is_file():
-        source = source / "adapter"
+    from flowopd.models.loading import model_dir
+
+    source = model_dir(str(source))  # a run's newest checkpoint, a checkpoint's adapter/
     for names in (ADAPTER_FILES, MINI_FILES):
         if all((source / n).is_file() for n in names):
             return [source / n for n in names]
