@@ -191,6 +191,23 @@ def test_a_checkpoint_or_run_directory_loads_its_adapter(run_a, tiny_model):
     assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
 
 
+def test_evaluating_a_run_directory_records_the_checkpoint_it_resolves_to(run_a, tmp_path, monkeypatch):
+    import shutil
+
+    from flowopd.bench.evaluate import evaluate
+
+    monkeypatch.setenv("FLOWOPD_BENCHMARKS_DIR", str(run_a / "specs"))
+    run = tmp_path / "run"
+    shutil.copytree(run_a / "a" / "checkpoints" / "iteration-000001", run / "checkpoints" / "iteration-000001")
+    out = tmp_path / "eval"
+    results = evaluate(checkpoint=str(run), benchmarks=["test-redness"], out=out, limit=2, progress=False)
+    assert results["checkpoint"] == str(run / "checkpoints" / "iteration-000001" / "adapter")
+    # the run trains on: the same command must not pass the first checkpoint's images off as the newest's
+    shutil.copytree(run_a / "a" / "checkpoints" / "iteration-000002", run / "checkpoints" / "iteration-000002")
+    with pytest.raises(ValueError, match="generated with other settings \\(checkpoint\\)"):
+        evaluate(checkpoint=str(run), benchmarks=["test-redness"], out=out, limit=2, progress=False)
+
+
 def test_a_local_directory_without_a_model_is_named_without_a_download_hint(tmp_path):
     from flowopd.models.loading import load_policy, model_dir
     from flowopd.models.sd3 import ModelNotAvailableError

@@ -20,7 +20,7 @@ from flowopd.bench.results import load_results, new_results, save_results
 from flowopd.bench.scoring import score_images
 from flowopd.bench.spec import BenchmarkSpec, GenerationSpec, all_specs, get_spec
 from flowopd.data import load_prompts
-from flowopd.models.loading import DEFAULT_CHECKPOINT, is_mini, load_policy
+from flowopd.models.loading import DEFAULT_CHECKPOINT, checkpoint_dir, is_mini, load_policy, model_dir
 from flowopd.models.policy import Policy
 from flowopd.scorers import build_scorer
 from flowopd.scorers.base import Scorer
@@ -87,6 +87,10 @@ def evaluate(
     """
     if images is None and checkpoint is None and policy is None:
         checkpoint = DEFAULT_CHECKPOINT
+    if checkpoint is not None and model_dir(checkpoint) != checkpoint_dir(checkpoint):
+        # a training run or checkpoint directory: record (and cache images under) the adapter it resolves to,
+        # so that a run that has trained further is not mistaken for the one evaluated before
+        checkpoint = str(model_dir(checkpoint))
     names = list(benchmarks) if benchmarks else default_benchmarks(checkpoint)
     if batch_size is None:  # the mini model is small: large batches are much faster on a CPU
         batch_size = 64 if checkpoint is None or is_mini(checkpoint) else 8
