@@ -191,6 +191,17 @@ def test_a_checkpoint_or_run_directory_loads_its_adapter(run_a, tiny_model):
     assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
 
 
+def test_lora_path_may_name_a_run_directory(run_a, tiny_model):
+    from flowopd.models.sd3 import SD3Policy
+    from flowopd.train.grpo import prepare_policy
+
+    saved = load_file(run_a / "a" / "checkpoints" / "iteration-000002" / "adapter" / "adapter_model.safetensors")
+    cfg = GRPOConfig(model=str(tiny_model), lora_path=str(run_a / "a"), mixed_precision="no")
+    model = prepare_policy(SD3Policy.from_pretrained(tiny_model), cfg)
+    state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
 def test_evaluating_a_run_directory_records_the_checkpoint_it_resolves_to(run_a, tmp_path, monkeypatch):
     import shutil
 

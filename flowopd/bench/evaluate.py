@@ -87,10 +87,10 @@ def evaluate(
     """
     if images is None and checkpoint is None and policy is None:
         checkpoint = DEFAULT_CHECKPOINT
-    if checkpoint is not None and model_dir(checkpoint) != checkpoint_dir(checkpoint):
+    if checkpoint is not None and (resolved := model_dir(checkpoint)) != checkpoint_dir(checkpoint):
         # a training run or checkpoint directory: record (and cache images under) the adapter it resolves to,
         # so that a run that has trained further is not mistaken for the one evaluated before
-        checkpoint = str(model_dir(checkpoint))
+        checkpoint = str(resolved)
     names = list(benchmarks) if benchmarks else default_benchmarks(checkpoint)
     if batch_size is None:  # the mini model is small: large batches are much faster on a CPU
         batch_size = 64 if checkpoint is None or is_mini(checkpoint) else 8

@@ -140,7 +140,8 @@ class GRPOConfig:
     lora_target_modules: list[str] = _help(list(LORA_TARGET_MODULES), "Module-name suffixes that get adapters "
                                            "(Flow-GRPO's joint-attention projections).")
     lora_init: str = _help("gaussian", "peft init_lora_weights (Flow-GRPO: gaussian, B = 0).")
-    lora_path: str = _help("", "Start from this adapter (peft format) instead of a fresh one.")
+    lora_path: str = _help("", "Start from this adapter (peft directory, mini:NAME, or a training checkpoint or "
+                           "run directory) instead of a fresh one.")
     # --- sampling
     resolution: int = _help(512, "Image height and width (published 512).")
     num_steps: int = _help(10, "Sampling steps of a training rollout (published 10; evaluation uses 40).")
@@ -603,8 +604,11 @@ def prepare_policy(policy: Any, config: GRPOConfig) -> torch.nn.Module:
             pipe.vae.to(torch.float32)  # decoding in float32, as Flow-GRPO keeps its VAE
     else:
         trainable_module(policy).to(dtype)
+    from flowopd.models.loading import model_dir
+
+    adapter = str(model_dir(config.lora_path)) if config.lora_path else None  # mini:NAME, a run or checkpoint
     model = add_lora(trainable_module(policy), config.lora_rank, config.lora_alpha, config.lora_target_modules,
-                     config.lora_init, adapter_path=config.lora_path or None, base_model=config.model)
+                     config.lora_init, adapter_path=adapter, base_model=config.model)
     set_trainable_module(policy, model)
     return model
 

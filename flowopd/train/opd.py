@@ -47,7 +47,6 @@ transformer built from SD3.5-M's config on the meta device). It is logged at sta
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import json
 import math
@@ -483,8 +482,6 @@ def _train(
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
-    from flowopd.models.loading import model_dir
-
     for module in config.imports:
         importlib.import_module(module)
     check_config(config)
@@ -510,8 +507,7 @@ def _train(
     out_dir = Path(config.output_dir)
     sampler = PromptSampler(config.prompts, config.mix)
 
-    lora_path = str(model_dir(config.lora_path)) if config.lora_path else ""
-    policy, model = _build_policy(dataclasses.replace(config, lora_path=lora_path), accelerator.device)
+    policy, model = _build_policy(config, accelerator.device)
     teachers = TeacherSet(model, config.teachers, config.anchor, config.model)
     memory = shared_base_memory(model, teachers.frozen)
     named = lora_parameters(model)

@@ -27,7 +27,6 @@ is our default.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import math
@@ -268,8 +267,6 @@ def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
-    from flowopd.models.loading import model_dir
-
     for module in config.imports:
         importlib.import_module(module)
     world = PartialState(cpu=config.cpu).num_processes
@@ -286,8 +283,7 @@ def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
     out_dir = Path(config.output_dir)
     sampler = PromptSampler(config.prompts, config.mix)
 
-    lora_path = str(model_dir(config.lora_path)) if config.lora_path else ""
-    policy, model = _build_policy(dataclasses.replace(config, lora_path=lora_path), accelerator.device)
+    policy, model = _build_policy(config, accelerator.device)
     teachers = TeacherSet(model, config.teachers, "base", config.model) if config.data == "teachers" else None
     named = lora_parameters(model)
     optimizer = torch.optim.AdamW(
