@@ -182,6 +182,26 @@ def kernel_kl(
     return _reduce(diff**2 / (2 * std_t**2), reduction)
 
 
+def kernel_log_ratio(
+    x_next: torch.Tensor,
+    mean_a: torch.Tensor,
+    mean_b: torch.Tensor,
+    std: torch.Tensor | float,
+    reduction: Reduction = "sum",
+) -> torch.Tensor:
+    """``log p_a(x_next) - log p_b(x_next)`` for two Gaussian kernels with the same diagonal std.
+
+    ``= (||x_next - mean_b||^2 - ||x_next - mean_a||^2) / (2 std^2)`` (the log-std terms cancel). Under
+    ``x_next ~ p_a`` its expectation is :func:`kernel_kl` ``(mean_a, mean_b, std)`` with the same reduction:
+    the single-sample estimator of the reverse KL used by on-policy distillation (METHOD.md s.3). Per
+    sample, shape (N,).
+    """
+    x = _upcast(x_next)
+    a, b = _upcast(mean_a).to(x.device), _upcast(mean_b).to(x.device)
+    std_t = _bcast(_as_float(std).to(x.dtype), x)
+    return _reduce(((x - b) ** 2 - (x - a) ** 2) / (2 * std_t**2), reduction)
+
+
 def kl_time_weight(t: TimeLike, noise_level: float, t_guard: TimeLike | None = None) -> torch.Tensor:
     """``w(t)`` with ``KL_t = w(t) |dt| ||v_a - v_b||^2`` for two SDE kernels at the same state (METHOD.md s.3).
 

@@ -195,7 +195,7 @@ def test_mar_adds_weight_times_kl_to_the_base(mini_world):
 
 def test_to_go_advantage_adds_the_later_steps_kl(mini_world):
     """future_kl: per recorded step, the sum of the later steps' KL of the sampled trajectory; with it the
-    advantage is -(KL_t + later), detached in kl_only."""
+    advantage is -(KL_t + later), clipped once."""
     from flowopd.train.rollout import sample_sde_trajectory
 
     teachers = {"geneval": str(mini_world["geneval"]), "ocr": str(mini_world["ocr"])}
@@ -221,7 +221,7 @@ def test_to_go_advantage_adds_the_later_steps_kl(mini_world):
     old = traj.log_probs[:, j]  # ratio 1: the loss is -mean(A)
     loss, stats, kl_t = opd_step_loss(cfg, policy, model, tset, routes, traj.states[:, j], traj.times[j],
                                       traj.next_times[j], traj.next_states[:, j], cond, old, later_kl=later[:, j])
-    adv = (-later[:, j].clamp(max=5.0) - kl_t).clamp(-5.0, 5.0)
+    adv = (-(later[:, j] + kl_t)).clamp(-5.0, 5.0)
     assert torch.allclose(loss, -adv.mean(), rtol=1e-4) and torch.allclose(stats["advantage_mean"], adv.mean(), rtol=1e-4)
     with pytest.raises(ConfigError, match="gkd"):
         check_config(load_config(OPDConfig, None, ["teachers.geneval=x", "mode=gkd", "kl_advantage=to_go"]))
@@ -282,7 +282,7 @@ def test_config_checks_name_the_key():
     cfg.prompts = [PromptSourceConfig(task="ocr", sampler="flowopd.world.grammar:sample_prompt")]
     with pytest.raises(ConfigError, match=r"tasks \['ocr'\] have no teacher"):
         check_config(cfg)
-    check_config(load_config(OPDConfig, None, ["teachers.geneval=x"]))  # kl_only needs no reward
+    check_config(load_config(OPDConfig, None, ["teachers.geneval=x"]))  # pathwise needs no reward
 
 
 # ---------------------------------------------------------------- end to end, tiny SD3
@@ -397,7 +397,8 @@ def test_every_published_opd_recipe_parses(request):
         assert per_iteration % (cfg.sample_batch_size * cfg.updates_per_iteration) == 0, name
     sd = load_config(OPDConfig, root / "opd_merge.toml")
     assert (sd.group_size, sd.learning_rate, sd.clip_range, sd.adv_clip_max, sd.mar_weight, sd.mode) == (
-        16, 1e-4, 1e-4, 5.0, 0.04, "kl_only")
+        16, 1e-4, 1e-4, 5.0, 0.04, "pathwise")
+    assert (sd.kl_scale, sd.kl_estimator, sd.kl_advantage) == ("public", "analytic", "step")
 
 
 @pytest.mark.slow

@@ -162,18 +162,20 @@ def grpo_loss(
     return loss, stats
 
 
+KLEstimator = Literal["analytic", "sample"]
+
+
 def opd_advantages(
-    kl_t: torch.Tensor, clip: float = 5.0, mode: Literal["kl_only", "pathwise"] = "kl_only"
+    kl_t: torch.Tensor, clip: float = 5.0, mode: Literal["kl_only", "pathwise"] = "pathwise"
 ) -> torch.Tensor:
     """Dense per-step OPD advantage ``A_t = clip(-KL_t, -clip, clip)`` (METHOD.md s.3).
 
-    ``"kl_only"`` (the paper, our default) detaches it: the gradient flows only through the PPO ratio.
-    ``"pathwise"`` (the public code, ``train_sd3_opd_mix.py`` with ``reward_mode="kl_only"``,
-    ``kl_scale=-1``) leaves it attached, so ``-A * ratio`` adds the GKD-like pathwise gradient of ``KL_t``
-    (ratio ~ 1). The public ``KL_t`` is ``reference_kl(student.mean, teacher.mean, student.sigma,
-    "none")``: mean over elements of the squared mean difference over ``2 sigma_t^2``, i.e. the per-element
-    kernel KL times ``|dt|``. The scale of ``kl_t`` is the caller's choice; the clip at 5 bites far
-    sooner with the summed kernel KL (``kernel_kl(..., "sum")``) than with either per-element form.
+    ``"pathwise"`` (the default; the public code, ``train_sd3_opd_mix.py`` with ``reward_mode="kl_only"``,
+    ``kl_scale=-1``) leaves it attached, so ``-A * ratio`` carries the pathwise gradient of ``KL_t`` (ratio ~
+    1). ``"kl_only"`` detaches it: the gradient then flows through the PPO ratio only, and since ``KL_t`` is a
+    function of the state, not of the step's action, that gradient has zero mean - an ablation. The public
+    ``KL_t`` is ``reference_kl(student.mean, teacher.mean, student.sigma, "none")``: mean over elements of the
+    squared mean difference over ``2 sigma_t^2``, i.e. the per-element kernel KL times ``|dt|``.
     """
     if mode == "kl_only":
         kl_t = kl_t.detach()
@@ -182,11 +184,28 @@ def opd_advantages(
     return (-kl_t).clamp(-clip, clip)
 
 
+def zero_mean_kl_gradient(
+    mode: str, kl_estimator: str = "analytic", kl_advantage: str = "step", kl_grad: str | None = None
+) -> str | None:
+    """Why the KL term of this OPD configuration has a zero expected gradient, or None when it has not.
+
+    The analytic ``KL_t`` depends on the state ``x_t`` only; detached and used as the advantage of the action
+    ``x_{t+1}`` alone (no return-to-go), its score-function gradient has mean 0 (METHOD.md s.3).
+    """
+    if kl_estimator != "analytic" or kl_advantage != "step":
+        return None
+    if mode == "kl_only":
+        return "mode 'kl_only' with kl_estimator 'analytic' and kl_advantage 'step'"
+    if mode == "mixed" and (kl_grad or "detached") == "detached":
+        return "mode 'mixed' with kl_grad 'detached', kl_estimator 'analytic' and kl_advantage 'step' (its KL part)"
+    return None
+
+
 def opd_loss(
     log_prob_new: torch.Tensor | None,
     log_prob_old: torch.Tensor | None,
     kl_t: torch.Tensor,
-    mode: OPDMode = "kl_only",
+    mode: OPDMode = "pathwise",
     clip_range: float = 1e-4,
     task_advantages: torch.Tensor | None = None,
     mar_kl: torch.Tensor | None = None,
@@ -194,44 +213,72 @@ def opd_loss(
     *,
     adv_clip: float = 5.0,
     kl_grad: Literal["detached", "pathwise"] | None = None,
+    kl_estimator: KLEstimator = "analytic",
+    sample_kl: torch.Tensor | None = None,
+    later_kl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Stats]:
     """Flow-OPD loss of one trained step (METHOD.md s.3).
 
+    The dense reward of step t is ``-KL_t``; the gradient of ``E[sum_t KL_t]`` has a local part (the step's own
+    KL, through the student's mean at ``x_t``) and a future part (the action ``x_{t+1}`` changes the later
+    steps' KL). The pieces:
+
+    - local term, ``kl_estimator``: ``"analytic"`` - ``kl_t`` itself, which carries a gradient only when it is
+      left attached (``mode="pathwise"``, or ``"mixed"`` with ``kl_grad="pathwise"``); ``"sample"`` -
+      ``sample_kl``, the log-ratio ``log pi_S(x_{t+1}|x_t) - log pi_T(x_{t+1}|x_t)`` of the sampled transition
+      (detached, same scale as ``kl_t``), whose mean is ``KL_t`` and whose score-function gradient is an
+      unbiased local ``grad KL_t`` (the estimator of on-policy distillation of language models);
+    - future term, ``later_kl``: the return-to-go of the later recorded steps' KL (``kl_advantage = "to_go"``),
+      detached, added to the advantage.
+
     Modes:
-        ``"kl_only"``: clipped surrogate with ``A_t = -KL_t`` detached (the paper).
-        ``"pathwise"``: the same with ``A_t`` attached (the public code; see :func:`opd_advantages`).
-        ``"gkd"``: ``mean(KL_t)``, no ratio (log-probs may be None).
-        ``"mixed"``: ``A = clip(clip(task_advantages) - KL_t)``, as the public ``reward_mode="mixed"``;
-            the KL part is detached unless ``kl_grad="pathwise"``.
+        ``"pathwise"`` (default): clipped surrogate with ``A_t = -(KL_t + later)``, ``KL_t`` attached.
+        ``"kl_only"``: the same with everything detached; with the analytic ``KL_t`` and no ``later_kl`` its
+            expected gradient is zero (see :func:`zero_mean_kl_gradient`): an ablation.
+        ``"gkd"``: ``mean(KL_t)``, no ratio (log-probs may be None; no estimator or return-to-go).
+        ``"mixed"``: ``A = clip(clip(task_advantages) - local - later)``, as the public ``reward_mode="mixed"``;
+            the analytic local part is detached unless ``kl_grad="pathwise"``.
     MAR: when ``mar_kl`` (per-sample KL(student || anchor), attached) is given, ``mar_weight * mean(mar_kl)``
     is added in every mode (public default 0.04, its ``beta``).
 
     Args:
         kl_t: (N,) per-step KL between the student's and its routed teacher's kernels, attached to the
-            student's graph (it is detached here where the mode says so).
+            student's graph (it is detached here where the mode says so); always logged as ``kl_t``.
         kl_grad: only for ``"mixed"``; the other modes fix it.
     """
     stats: Stats = {"kl_t": kl_t.detach().mean()}
+    if kl_estimator not in ("analytic", "sample"):
+        raise ValueError(f"opd_loss: kl_estimator must be 'analytic' or 'sample', got {kl_estimator!r}")
+    if kl_estimator == "sample" and sample_kl is None:
+        raise ValueError("opd_loss: kl_estimator 'sample' needs sample_kl (the sampled transition's log-ratio)")
     if mode == "gkd":
+        if kl_estimator != "analytic" or later_kl is not None:
+            raise ValueError("opd_loss: mode 'gkd' has no advantage: use kl_estimator 'analytic' and no later_kl")
         loss = kl_t.mean()
         stats["gkd_loss"] = loss.detach()
     else:
+        if mode not in ("kl_only", "pathwise", "mixed"):
+            raise ValueError(f"opd_loss: mode must be one of kl_only, pathwise, gkd, mixed; got {mode!r}")
         if log_prob_new is None or log_prob_old is None:
             raise ValueError(f"opd_loss: mode {mode!r} needs log_prob_new and log_prob_old")
-        if mode in ("kl_only", "pathwise"):
-            if kl_grad is not None:
-                raise ValueError(f"opd_loss: kl_grad is fixed by mode {mode!r}; use it only with mode='mixed'")
-            adv = opd_advantages(kl_t, adv_clip, mode)
-        elif mode == "mixed":
-            if task_advantages is None:
-                raise ValueError("opd_loss: mode 'mixed' needs task_advantages (from group_advantages)")
-            grad = kl_grad or "detached"
-            if grad not in ("detached", "pathwise"):
-                raise ValueError(f"opd_loss: kl_grad must be 'detached' or 'pathwise', got {kl_grad!r}")
-            kl = kl_t if grad == "pathwise" else kl_t.detach()
-            adv = (task_advantages.detach().clamp(-adv_clip, adv_clip) - kl).clamp(-adv_clip, adv_clip)
+        if mode != "mixed" and kl_grad is not None:
+            raise ValueError(f"opd_loss: kl_grad is fixed by mode {mode!r}; use it only with mode='mixed'")
+        if mode == "mixed" and task_advantages is None:
+            raise ValueError("opd_loss: mode 'mixed' needs task_advantages (from group_advantages)")
+        grad = "pathwise" if mode == "pathwise" else "detached" if mode == "kl_only" else kl_grad or "detached"
+        if grad not in ("detached", "pathwise"):
+            raise ValueError(f"opd_loss: kl_grad must be 'detached' or 'pathwise', got {kl_grad!r}")
+        if kl_estimator == "sample":
+            if grad == "pathwise":
+                raise ValueError(f"opd_loss: kl_estimator 'sample' is a score-function estimator; it does not go "
+                                 f"with an attached KL (mode {mode!r}, kl_grad {grad!r})")
+            local = sample_kl.detach()
+            stats["sample_kl"] = local.mean()
         else:
-            raise ValueError(f"opd_loss: mode must be one of kl_only, pathwise, gkd, mixed; got {mode!r}")
+            local = kl_t if grad == "pathwise" else kl_t.detach()
+        kl_adv = local if later_kl is None else local + later_kl.detach()
+        task = 0.0 if task_advantages is None else task_advantages.detach().clamp(-adv_clip, adv_clip)
+        adv = (task - kl_adv).clamp(-adv_clip, adv_clip)
         loss, policy_stats = clipped_surrogate(log_prob_new, log_prob_old, adv, clip_range)
         stats.update(policy_stats)
         stats["advantage_mean"] = adv.detach().mean()

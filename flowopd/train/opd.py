@@ -15,18 +15,31 @@ checkpoints with exact resume, logging, evaluation):
    no gradient) gives its kernel mean, and ``KL_t = KL(student step || teacher step)`` (:func:`step_kl`,
    ``= w(t) |dt| ||v_student - v_teacher||^2`` summed over the latent, METHOD.md s.3);
 4. the loss is :func:`flowopd.train.losses.opd_loss`: the clipped surrogate with the dense advantage
-   ``A_t = clip(-KL_t, +-5)`` (``kl_only``: detached, the paper; ``pathwise``: attached, the public code;
-   ``gkd``: mean KL_t, no ratio; ``mixed``: task GRPO advantage - KL_t), plus MAR,
-   ``mar_weight * KL(student || anchor)`` on every sample;
+   ``A_t = clip(-KL_t, +-5)`` (``pathwise``, the default: attached, the public code; ``kl_only``: detached,
+   the paper's literal form, an ablation; ``gkd``: mean KL_t, no ratio; ``mixed``: task GRPO advantage - KL_t),
+   optionally with the sampled log-ratio as the local term (``kl_estimator = "sample"``) and the return-to-go of
+   the later steps (``kl_advantage = "to_go"``), plus MAR, ``mar_weight * KL(student || anchor)`` on every
+   sample;
 5. AdamW updates with grad-norm clipping, EMA of the adapter, checkpoints, evaluation and logs as in GRPO.
 
-**The step advantage has a zero-mean gradient.** ``KL_t`` depends on the state ``x_t`` only, while the
-step's action is ``x_{t+1}``, and ``E[grad log pi(x_{t+1} | x_t)] = 0`` under the sampling policy. With the
-advantage ``-KL_t`` detached (``kl_only``, the paper as METHOD.md s.3 decides) the surrogate's expected
-gradient is therefore zero at the first update of every batch: in expectation the student is moved by MAR
-(toward the anchor) alone, and in the public code by its attached ``grad KL_t`` (``pathwise``, a GKD term).
-``kl_advantage = "to_go"`` (opt-in) gives step ``t`` the return-to-go ``-(KL_t + sum_{s > t} KL_s)`` of the
-sampled trajectory (:func:`future_kl`), whose later terms the action does change.
+**The detached step advantage has a zero-mean gradient** (METHOD.md s.3, corrected). ``KL_t`` depends on
+the state ``x_t`` only, while the step's action is ``x_{t+1}``, and ``E[grad log pi(x_{t+1} | x_t)] = 0``
+under the sampling policy. With the advantage ``-KL_t`` detached (``kl_only`` + ``step``) the surrogate's
+expected gradient is therefore zero at the first update of every batch: in expectation the student is moved by
+MAR alone. It stays available as an ablation, and start-up warns about it. The gradient of
+``E[sum_t KL_t]`` has a local and a future part; the estimators (tested on a Gaussian policy in
+tests/test_opd_estimators.py):
+
+- ``pathwise`` (default, the public code): the attached ``grad KL_t`` through the student's mean (local);
+- ``kl_estimator = "sample"``: the detached log-ratio ``log pi_S(x_{t+1}|x_t) - log pi_T(x_{t+1}|x_t)`` of the
+  sampled transition (:func:`sampled_step_kl`) - its score-function gradient is an unbiased local part;
+- ``kl_advantage = "to_go"``: adds the return-to-go ``sum_{s > t} KL_s`` of the sampled trajectory
+  (:func:`future_kl`), the future part. ``pathwise`` + ``to_go`` and ``sample`` + ``to_go`` are the complete
+  estimators.
+
+With ``log_prob_reduction = "mean"`` (Flow-GRPO's per-element log-prob) every score-function term is the
+summed one divided by the number of latent elements D, while the pathwise term is not: the local ``sample``
+gradient is then ``1/D`` of the ``pathwise`` one at the same ``kl_scale``.
 
 **One base network.** Student, teachers and anchor are LoRA adapters on one frozen base network: each
 teacher adapter is loaded under its own adapter name (peft multi-adapter, :class:`TeacherSet`), the router
@@ -49,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import math
 import sys
 import time
@@ -64,7 +78,7 @@ import torch
 from flowopd.models.policy import Conditioning, index_cond
 from flowopd.rewards import Reward
 from flowopd.scorers.base import Scorer
-from flowopd.sde import StepOutput, kernel_kl
+from flowopd.sde import StepOutput, kernel_kl, kernel_log_ratio
 from flowopd.train.config import ConfigError, load_config, to_dict
 from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients
 from flowopd.train.grpo import (
@@ -93,13 +107,16 @@ from flowopd.train.grpo import (
 )
 from flowopd.train.grpo import _help as _field
 from flowopd.train.lora import EMA, lora_parameters, set_trainable_module, trainable_module, unwrap
-from flowopd.train.losses import Stats, opd_loss, reference_kl
+from flowopd.train.losses import Stats, opd_loss, reference_kl, zero_mean_kl_gradient
 from flowopd.train.rollout import Trajectory, step_log_prob, trained_positions
 
 OPD_MODES = ("kl_only", "pathwise", "gkd", "mixed")
+KL_ESTIMATORS = ("analytic", "sample")
 KL_SCALES = ("mean", "sum", "public")
 #: The anchor value meaning "the base network with every adapter disabled".
 BASE_ANCHOR = "base"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,20 +143,25 @@ class OPDConfig(GRPOConfig):
                          "public default) or an adapter directory / mini:NAME.")
     mar_weight: float = _field(0.04, "MAR weight lambda of KL(student || anchor) on every sample (public beta "
                                "0.04); 0 = no MAR.")
-    mode: str = _field("kl_only", "'kl_only' (the paper: A_t = -KL_t detached, gradient through the ratio only), "
-                       "'pathwise' (the public code: A_t attached; with kl_scale = 'public' for parity), 'gkd' (loss = "
-                       "mean KL_t, no ratio), 'mixed' "
-                       "(task GRPO advantage - KL_t; needs a reward).")
+    mode: str = _field("pathwise", "'pathwise' (the public code: A_t = -KL_t attached, its gradient through the "
+                       "student's mean; with kl_scale = 'public' for parity), 'kl_only' (A_t detached: with "
+                       "kl_estimator 'analytic' and kl_advantage 'step' its expected gradient is zero - an ablation, "
+                       "warned at start-up), 'gkd' (loss = mean KL_t, no ratio), 'mixed' (task GRPO advantage - "
+                       "KL_t; needs a reward).")
+    kl_estimator: str = _field("analytic", "Local KL term of the advantage: 'analytic' (KL_t from the two kernel "
+                               "means) or 'sample' (the detached log-ratio log pi_student - log pi_teacher of the "
+                               "sampled transition, scaled as kl_scale: its mean is KL_t and its score-function "
+                               "gradient an unbiased local grad KL_t; with mode 'kl_only' or 'mixed').")
     kl_grad: str = _field("detached", "Mode 'mixed' only: 'detached' or 'pathwise' KL part of the advantage.")
-    kl_scale: str = _field("mean", "Scale of KL_t: 'mean' (exact kernel KL per latent element, the scale of the "
+    kl_scale: str = _field("public", "Scale of KL_t: 'mean' (exact kernel KL per latent element, the scale of the "
                            "per-element log-prob; advantages rarely reach the +-5 clip), 'sum' (exact kernel KL, "
                            "summed), 'public' (the public code: per element, over 2 sigma_t^2, = 'mean' x |dt|).")
     mar_scale: str = _field("public", "Scale of MAR's KL, as kl_scale; 'public' is the scale its weight 0.04 "
                             "was tuned at (Flow-GRPO's KL loss).")
-    kl_advantage: str = _field("step", "'step': A_t = -KL_t (the paper); 'to_go': A_t = -(KL_t + sum of the later "
-                               "recorded steps' KL), the return-to-go of the dense reward (see the module docstring: "
-                               "a step's own KL_t does not depend on its action, so 'step' with a detached KL gives a "
-                               "zero-mean policy gradient). Costs one more teacher pass over the recorded steps.")
+    kl_advantage: str = _field("step", "'step': A_t = -KL_t (local term only); 'to_go': A_t = -(KL_t + sum of the "
+                               "later recorded steps' KL), adding the return-to-go of the dense reward, the future "
+                               "part of the gradient (a step's own KL_t does not depend on its action). Costs one "
+                               "more teacher pass over the recorded steps.")
 
 
 def route_to_teacher(metadata: Mapping[str, Any], teachers: Mapping[str, str]) -> str:
@@ -172,6 +194,21 @@ def kernel_step_kl(mean: torch.Tensor, other_mean: torch.Tensor, std: torch.Tens
     if scale == "public":
         return reference_kl(mean, other_mean, sigma, reduction="none")
     raise ValueError(f"step_kl: scale must be one of {KL_SCALES}, got {scale!r}")
+
+
+def sampled_step_kl(next_x: torch.Tensor, mean: torch.Tensor, other_mean: torch.Tensor, std: torch.Tensor,
+                    sigma: torch.Tensor, scale: str = "public") -> torch.Tensor:
+    """The sampled transition's ``log pi(x_next | x_t) - log pi_other(x_next | x_t)`` at the scale of
+    :func:`kernel_step_kl`: its mean under ``x_next ~ pi`` is ``kernel_step_kl(mean, other_mean, ...)``.
+
+    ``"sum"``: the exact log-ratio; ``"mean"``: divided by the number of elements D; ``"public"``: per element
+    over ``2 sigma_t^2`` instead of ``2 std^2`` (``"mean"`` times ``|dt|``), as the public KL.
+    """
+    if scale in ("mean", "sum"):
+        return kernel_log_ratio(next_x, mean, other_mean, std, scale)
+    if scale == "public":
+        return kernel_log_ratio(next_x, mean, other_mean, sigma, "mean")
+    raise ValueError(f"sampled_step_kl: scale must be one of {KL_SCALES}, got {scale!r}")
 
 
 @contextlib.contextmanager
@@ -395,17 +432,12 @@ def opd_step_loss(
     The teachers' and the anchor's kernels come first, without gradient (switching adapters changes which
     parameters require gradients, so no student graph may be alive meanwhile), then the student's with it.
     ``mar=False`` leaves MAR out (the gradient-cosine probe). ``later_kl`` (from :func:`future_kl`) makes the
-    advantage the return-to-go ``-(KL_t + later_kl)``: through opd_loss's ``"mixed"`` path, whose external
-    advantage is then ``-later_kl`` (+ the task advantage in mode ``"mixed"``) and whose KL part stays
-    detached unless the mode is ``"pathwise"``.
+    advantage the return-to-go ``-(local + later_kl)``; the local term is ``KL_t`` or, with ``kl_estimator =
+    "sample"``, the sampled transition's log-ratio against the teacher (under the current student's mean,
+    which is the sampling one at the first update of a batch).
     """
-    mode, kl_grad = config.mode, (config.kl_grad if config.mode == "mixed" else None)
-    if later_kl is not None:
-        if mode == "gkd":
-            raise ValueError("kl_advantage = 'to_go' needs an advantage: not with mode 'gkd'")
-        task_advantages = -later_kl if task_advantages is None else task_advantages - later_kl
-        if mode != "mixed":
-            mode, kl_grad = "mixed", ("pathwise" if mode == "pathwise" else "detached")
+    if later_kl is not None and config.mode == "gkd":
+        raise ValueError("kl_advantage = 'to_go' needs an advantage: not with mode 'gkd'")
     teacher_mean = teachers.teacher_means(config, policy, model, routes, x, t, t_next, next_x, cond)
     anchor_mean = None
     if mar and config.mar_weight > 0:
@@ -413,9 +445,14 @@ def opd_step_loss(
     new = step_log_prob(policy, x, t, t_next, next_x, cond, config.guidance_scale, config.noise_level,
                         config.sde_type, config.log_prob_reduction, config.cfg_detach_uncond)
     kl_t = step_kl(new, teacher_mean, config.kl_scale)
+    sample_kl = None
+    if config.kl_estimator == "sample":
+        sample_kl = sampled_step_kl(next_x, new.mean.detach(), teacher_mean, new.std, new.sigma, config.kl_scale)
     mar_kl = step_kl(new, anchor_mean, config.mar_scale) if anchor_mean is not None else None
-    loss, stats = opd_loss(new.log_prob, log_prob_old, kl_t, mode, config.clip_range, task_advantages, mar_kl,
-                           config.mar_weight, adv_clip=config.adv_clip_max, kl_grad=kl_grad)
+    loss, stats = opd_loss(new.log_prob, log_prob_old, kl_t, config.mode, config.clip_range, task_advantages, mar_kl,
+                           config.mar_weight, adv_clip=config.adv_clip_max,
+                           kl_grad=config.kl_grad if config.mode == "mixed" else None,
+                           kl_estimator=config.kl_estimator, sample_kl=sample_kl, later_kl=later_kl)
     return loss, stats, kl_t.detach()
 
 
@@ -456,7 +493,7 @@ def check_config(config: OPDConfig) -> None:
     """Errors that name the key at fault, before anything loads."""
     _check(config, require_reward=config.mode == "mixed")
     choices = {"mode": OPD_MODES, "kl_scale": KL_SCALES, "mar_scale": KL_SCALES, "kl_grad": ("detached", "pathwise"),
-               "kl_advantage": ("step", "to_go")}
+               "kl_advantage": ("step", "to_go"), "kl_estimator": KL_ESTIMATORS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(config, name)!r}")
@@ -464,6 +501,10 @@ def check_config(config: OPDConfig) -> None:
         raise ConfigError(f"kl_grad = {config.kl_grad!r} applies to mode 'mixed' only (mode {config.mode!r} fixes it)")
     if config.kl_advantage == "to_go" and config.mode == "gkd":
         raise ConfigError("kl_advantage = 'to_go' shapes an advantage; mode 'gkd' has none (use 'step')")
+    if config.kl_estimator == "sample" and (config.mode in ("pathwise", "gkd") or config.kl_grad == "pathwise"):
+        raise ConfigError(f"kl_estimator = 'sample' is a score-function estimator with a detached advantage: use "
+                          f"mode 'kl_only' or 'mixed' with kl_grad 'detached' (got mode {config.mode!r}, kl_grad "
+                          f"{config.kl_grad!r})")
     if config.beta != 0:
         raise ConfigError(f"beta = {config.beta}: OPD regularises with MAR; set mar_weight (and anchor) instead")
     if config.mar_weight < 0:
@@ -473,6 +514,15 @@ def check_config(config: OPDConfig) -> None:
     missing = sorted({s.task for s in config.prompts} - set(config.teachers))
     if missing:
         raise ConfigError(f"prompt sources of tasks {missing} have no teacher; teachers cover {sorted(config.teachers)}")
+
+
+def zero_gradient_warning(config: OPDConfig) -> str | None:
+    """The one-line start-up warning for a configuration whose KL term has a zero-mean gradient, else None."""
+    reason = zero_mean_kl_gradient(config.mode, config.kl_estimator, config.kl_advantage, config.kl_grad)
+    if reason is None:
+        return None
+    return (f"opd: {reason}: the KL term's expected policy gradient is zero (an ablation, METHOD.md s.3); to "
+            f"distill use mode 'pathwise' (the default), kl_estimator 'sample' or kl_advantage 'to_go'")
 
 
 def _train(
@@ -485,6 +535,9 @@ def _train(
     for module in config.imports:
         importlib.import_module(module)
     check_config(config)
+    warning = zero_gradient_warning(config)
+    if warning and PartialState(cpu=config.cpu).is_main_process:
+        logger.warning(warning)
     n_train = len(trained_positions(config.num_steps, config.sde_window_size or config.num_steps,
                                     config.timestep_fraction, config.sde_window_size > 0))
     total = config.prompts_per_iteration * config.group_size
