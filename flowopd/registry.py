@@ -1,6 +1,8 @@
 """A lazy registry: names map to ``"module:Class"`` strings imported on first use.
 
-Third-party packages add entries through an entry-point group (``flowopd.scorers`` for scorers).
+Third-party packages add entries through an entry-point group (``flowopd.scorers`` for scorers,
+``flowopd.prompt_loaders`` for generated prompt sets). Benchmark specs name entries of these registries only:
+a spec never imports a module by itself.
 """
 
 from __future__ import annotations
@@ -67,13 +69,34 @@ class Registry:
     def target(self, name: str) -> str:
         self._read_entry_points()
         if name not in self._targets:
-            close = difflib.get_close_matches(name, self._targets, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})")
+            raise self._unknown(name)
         return self._targets[name]
+
+    def _unknown(self, name: str) -> UnknownNameError:
+        close = difflib.get_close_matches(name, self._targets, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return UnknownNameError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})")
+
+    def name_of(self, value: str) -> str:
+        """The registered name that ``value`` stands for: a name, or a registered ``"module:Attr"`` target
+        (specs written before the name existed); anything else raises UnknownNameError. Imports nothing, so a
+        spec naming unregistered code is refused before any of it runs (issue 19, point 5)."""
+        self._read_entry_points()
+        if value in self._targets:
+            return value
+        for name, target in self._targets.items():
+            if target == value:
+                return name
+        raise self._unknown(value)
 
     def get(self, name: str) -> Any:
         """The registered object (class or factory), imported on first use."""
         if name not in self._loaded:
             self._loaded[name] = import_string(self.target(name))
         return self._loaded[name]
+
+
+#: Generated prompt sets (a benchmark spec's ``[prompts] format = "python"``, ``loader = NAME``): callables
+#: ``loader(**args) -> list of metadata dicts`` that each carry ``"prompt"``.
+PROMPT_LOADERS = Registry("prompt loader", entry_point_group="flowopd.prompt_loaders")
+PROMPT_LOADERS.register("mini-world", "flowopd.world.grammar:prompt_set")

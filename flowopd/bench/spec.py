@@ -7,17 +7,22 @@ scorer's native scale. METHOD.md s.5 is the source of every default.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
-from dataclasses import dataclass, field, fields
+import re
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from flowopd.registry import UnknownNameError
+from flowopd.registry import PROMPT_LOADERS, UnknownNameError
 
 AGGREGATIONS = ("mean", "mean_of_tag_means", "per_category")
 
@@ -70,39 +75,160 @@ class BenchmarkSpec:
         return f"{self.name}/mean"
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for {cls.__name__}")
-    return cls(**data)
+SCALE_NAMES = ("mini", "sd35m")
+PROMPT_FORMATS = ("jsonl", "lines", "python")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a benchmark name is a file name in every run directory
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: lower bounds of numeric fields; any other int field must be >= 1 and any float field >= 0 (generation settings
+#: added later are checked without being listed here)
+_LOWER = {"seed": 0}
+
+
+class SpecError(ValueError):
+    """A benchmark spec that cannot be used; the message names the file, the field and what is expected."""
+
+
+def _type_name(hint: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint) if a is not type(None))
+    if get_origin(hint) is tuple:
+        return f"a list of {_type_name(get_args(hint)[0]).split(' ', 1)[1]}s"
+    return names.get(hint, str(hint))
+
+
+def _check_value(where: str, key: str, value: Any, hint: Any) -> Any:
+    """``value`` converted to the field's type (TOML list -> tuple, int -> float), or SpecError naming it."""
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        return _check_value(where, key, value, options[0])
+    bad = SpecError(f"{where}: {key} must be {_type_name(hint)}, got {value!r}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad
+        low = _LOWER.get(key, 1)
+        if value < low:
+            raise SpecError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+        return value
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad
+        if not math.isfinite(value) or value < _LOWER.get(key, 0):
+            raise SpecError(f"{where}: {key} must be a finite number >= {_LOWER.get(key, 0)}, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    if origin is tuple:
+        args = get_args(hint)
+        if not isinstance(value, list):
+            raise bad
+        item = args[0]
+        if len(args) == 2 and args[1] is not Ellipsis or len(args) > 2:
+            if len(value) != len(args):
+                raise SpecError(f"{where}: {key} must be a list of {len(args)} values, got {value!r}")
+        for v in value:
+            ok = isinstance(v, str) if item is str else isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ok or (item is float and not math.isfinite(v)):
+                raise bad
+        return tuple(float(v) if item is float else v for v in value)
+    raise TypeError(f"no check for the type {hint!r} of {key}")  # a field type added without a check
+
+
+def _build(cls: type, data: Any, where: str, skip: Sequence[str] = ()) -> Any:
+    """An instance of the spec dataclass ``cls`` from a TOML table, every field type- and range-checked."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a table, got {data!r}")
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls) if f.name not in skip]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+            raise SpecError(f"{where}: unknown key {key!r}{hint}")
+    missing = [f.name for f in fields(cls) if f.name in known and f.name not in data
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise SpecError(f"{where}: missing key {missing[0]!r}")
+    nested = (PromptSetSpec, GenerationSpec)  # checked by their own _build
+    return {key: value if hints[key] in nested else _check_value(where, key, value, hints[key])
+            for key, value in data.items()}
+
+
+def _check_prompts(p: PromptSetSpec, where: str) -> None:
+    if p.format not in PROMPT_FORMATS:
+        raise SpecError(f"{where}: format must be one of {', '.join(PROMPT_FORMATS)}, got {p.format!r}")
+    if p.format == "python":
+        if not p.loader:
+            raise SpecError(f"{where}: format = \"python\" needs loader = a registered prompt loader "
+                            f"({', '.join(PROMPT_LOADERS.names())})")
+        try:
+            PROMPT_LOADERS.name_of(p.loader)
+        except UnknownNameError as e:
+            raise SpecError(f"{where}: loader: {e}; a spec names registered loaders only (plugins register "
+                            f"through the entry point group 'flowopd.prompt_loaders')") from None
+        extra = [k for k in ("path", "url", "sha256") if getattr(p, k)]
+        if extra:
+            raise SpecError(f"{where}: {extra[0]} is for prompt files; format = \"python\" takes loader and args")
+        return
+    if p.loader or p.args:
+        raise SpecError(f"{where}: loader and args are for format = \"python\", not {p.format!r}")
+    parts = Path(p.path).parts
+    if not p.path or Path(p.path).is_absolute() or ".." in parts:
+        raise SpecError(f"{where}: path must be a relative path inside the data directory (MANIFEST.tsv's path "
+                        f"column), got {p.path!r}")
+    if p.url and not p.url.startswith(("https://", "http://")):
+        raise SpecError(f"{where}: url must be an http(s) URL, got {p.url!r}")
+    if p.sha256 and not _SHA256.match(p.sha256):
+        raise SpecError(f"{where}: sha256 must be 64 lowercase hex digits, got {p.sha256!r}")
 
 
 def parse_spec(data: dict[str, Any], source: str = "<memory>") -> BenchmarkSpec:
-    data = dict(data)
+    """A checked BenchmarkSpec: every field's type and range, unknown keys (with a close match), the prompt
+    loader and the scorer looked up in their registries (nothing is imported). Errors are :class:`SpecError`."""
+    from flowopd.scorers import SCORERS
+
+    top = _build(BenchmarkSpec, data, source, skip=("source",))
+    top["prompts"] = PromptSetSpec(**_build(PromptSetSpec, data["prompts"], f"{source} [prompts]"))
+    top["generation"] = GenerationSpec(**_build(GenerationSpec, data.get("generation", {}), f"{source} [generation]"))
+    _check_prompts(top["prompts"], f"{source} [prompts]")
+    spec = BenchmarkSpec(**top, source=source)
+    if not _NAME.match(spec.name):
+        raise SpecError(f"{source}: name must be letters, digits, '.', '_' or '-' (it names files), got {spec.name!r}")
     try:
-        data["prompts"] = _build(PromptSetSpec, data["prompts"], f"{source} [prompts]")
-        data["generation"] = _build(GenerationSpec, data.get("generation", {}), f"{source} [generation]")
-        if "scale" in data:
-            data["scale"] = tuple(float(x) for x in data["scale"])
-        if "weights" in data:
-            data["weights"] = tuple(data["weights"])
-        spec = _build(BenchmarkSpec, {**data, "source": source}, source)
-    except KeyError as e:
-        raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
-    except TypeError as e:
-        raise ValueError(f"{source}: {e}") from None
+        SCORERS.name_of(spec.scorer)
+    except UnknownNameError as e:
+        raise SpecError(f"{source}: scorer: {e}; a spec names registered scorers only (plugins register through "
+                        f"the entry point group 'flowopd.scorers')") from None
     if spec.aggregation not in AGGREGATIONS:
-        raise ValueError(f"{source}: aggregation {spec.aggregation!r} not in {AGGREGATIONS}")
+        raise SpecError(f"{source}: aggregation must be one of {', '.join(AGGREGATIONS)}, got {spec.aggregation!r}")
+    if spec.aggregation != "mean" and not spec.group_by:
+        raise SpecError(f"{source}: aggregation {spec.aggregation!r} needs group_by (the detail column it groups by)")
+    if spec.scale_name not in SCALE_NAMES:
+        raise SpecError(f"{source}: scale_name must be one of {', '.join(SCALE_NAMES)}, got {spec.scale_name!r}")
+    if not spec.scale[0] < spec.scale[1]:
+        raise SpecError(f"{source}: scale must be [low, high] with low < high, got {list(spec.scale)}")
+    if spec.images_from == spec.name:
+        raise SpecError(f"{source}: images_from names the benchmark itself")
     return spec
 
 
 def load_spec_file(path: str | Path) -> BenchmarkSpec:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: invalid TOML: {e}") from None
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: invalid TOML: {e}") from None
     return parse_spec(data, str(path))
 
 
@@ -124,6 +250,15 @@ def all_specs() -> dict[str, BenchmarkSpec]:
                 continue
             spec = load_spec_file(path)
             specs.setdefault(spec.name, spec)
+    for spec in specs.values():
+        owner = specs.get(spec.images_from) if spec.images_from else spec
+        if owner is None:
+            close = difflib.get_close_matches(spec.images_from, specs, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SpecError(f"{spec.source}: images_from = {spec.images_from!r} is not a benchmark{hint}")
+        if (owner.prompts, owner.generation) != (spec.prompts, spec.generation):
+            raise SpecError(f"{spec.source}: images_from = {owner.name!r} but its [prompts] or [generation] differ "
+                            f"from {owner.source}'s (shared images need the same prompts and settings)")
     return specs
 
 
