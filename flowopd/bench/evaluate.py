@@ -24,6 +24,7 @@ from flowopd.models.loading import DEFAULT_CHECKPOINT, checkpoint_dir, is_mini, 
 from flowopd.models.policy import Policy
 from flowopd.scorers import build_scorer
 from flowopd.scorers.base import Scorer
+from flowopd.scorers.engine import engine_record
 
 SD35M_DEFAULT_BENCHMARKS = ("geneval", "ocr", "deqa", "pickscore")
 
@@ -146,6 +147,7 @@ def evaluate(
             "spec_version": spec.version,
             "scorer": spec.scorer,
             "scorer_version": scorer.version,
+            "engine": engine_record(scorer, df),  # engine, version, checkpoint, precision, official
             "scale": list(spec.scale),
             "higher_is_better": spec.higher_is_better,
             "aggregation": spec.aggregation,

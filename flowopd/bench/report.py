@@ -22,6 +22,14 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from flowopd.bench.results import load_results
+from flowopd.scorers.engine import is_official
+
+#: Appended to a cell scored by a non-official engine (a port, a substitute, an injected model).
+NON_OFFICIAL_MARK = "†"
+NON_OFFICIAL_NOTE = (
+    f"{NON_OFFICIAL_MARK} scored by a non-official engine (a port or a substitute of the official scorer): "
+    "compare with published numbers only with docs/scorers/parity.md at hand."
+)
 
 
 def table_dirs() -> list[Path]:
@@ -62,6 +70,14 @@ def results_frame(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def non_official(res: dict[str, Any] | None, bench: str) -> bool:
+    """True when ``bench`` of a run was scored by an engine labelled non-official (or unknown) in results.json."""
+    if res is None or bench not in res["benchmarks"]:
+        return False
+    entry = res["benchmarks"][bench]
+    return "engine" in entry and is_official(entry) is not True
+
+
 def markdown_summary(results: dict[str, Any]) -> str:
     """The table ``evaluate`` prints: one line per benchmark metric."""
     lines = [
@@ -70,11 +86,16 @@ def markdown_summary(results: dict[str, Any]) -> str:
         "| benchmark | metric | value | 95% CI | images |",
         "|---|---|---|---|---|",
     ]
+    marked = False
     for bench, entry in sorted(results["benchmarks"].items()):
+        mark = NON_OFFICIAL_MARK if non_official(results, bench) else ""
+        marked = marked or bool(mark)
         for name, m in entry["metrics"].items():
             lines.append(
-                f"| {bench} | {name} | {fmt(m['value'])} | [{fmt(m['ci_low'])}, {fmt(m['ci_high'])}] | {m['n']} |"
+                f"| {bench} | {name} | {fmt(m['value'])}{mark} | [{fmt(m['ci_low'])}, {fmt(m['ci_high'])}] | {m['n']} |"
             )
+    if marked:
+        lines += ["", NON_OFFICIAL_NOTE]
     return "\n".join(lines)
 
 
@@ -82,7 +103,7 @@ def _table_rows(runs: Sequence[dict[str, Any]], table: dict[str, Any] | None, sc
     if table is None:
         metrics = sorted({f"{b}/mean" for r in runs for b in r["benchmarks"]})
         header = ["run", *metrics]
-        body = [[r["checkpoint"], *[metric_cell(_metric(r, m)) for m in metrics]] for r in runs]
+        body = [[r["checkpoint"], *[_marked_cell(r, m) for m in metrics]] for r in runs]
         return [header, *body]
     columns = table["columns"]
     header = ["row"] + [c["label"] for c in columns] + [f"paper {c['label']}" for c in columns]
@@ -90,18 +111,29 @@ def _table_rows(runs: Sequence[dict[str, Any]], table: dict[str, Any] | None, sc
     for i, row in enumerate(table.get("rows", [])):
         res = runs[i] if i < len(runs) else None
         values: dict[str, dict[str, Any] | None] = {}
+        marks: dict[str, bool] = {}
         for c in columns:
             metric = c.get("metric", {}).get(scale)
             if metric:
                 values[c["label"]] = _metric(res, metric)
+                marks[c["label"]] = non_official(res, metric.partition("/")[0])
             elif scale in c.get("combine", {}):
                 values[c["label"]] = _combine(values, c["combine"][scale])
+                marks[c["label"]] = any(marks.get(label, False) for label in c["combine"][scale])
             else:
                 values[c["label"]] = None
-        ours = [metric_cell(values[c["label"]]) for c in columns]
+        ours = [
+            metric_cell(values[c["label"]]) + (NON_OFFICIAL_MARK if marks.get(c["label"]) and values[c["label"]] else "")
+            for c in columns
+        ]
         paper = [fmt(row.get("paper", {}).get(c["label"]), 3) for c in columns]
         body.append([row["label"], *ours, *paper])
     return [header, *body]
+
+
+def _marked_cell(res: dict[str, Any], metric: str) -> str:
+    cell = metric_cell(_metric(res, metric))
+    return cell + NON_OFFICIAL_MARK if cell != "-" and non_official(res, metric.partition("/")[0]) else cell
 
 
 def _combine(values: dict[str, dict[str, Any] | None], weights: dict[str, float]) -> dict[str, Any] | None:
@@ -159,6 +191,8 @@ def write_report(
     md = [f"# {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     md += ["", "Cells: value [95% bootstrap interval over prompts]."]
+    if any(NON_OFFICIAL_MARK in cell for row in rows[1:] for cell in row):
+        md += ["", NON_OFFICIAL_NOTE]
     for res in runs:
         md += ["", "## " + res["checkpoint"], "", markdown_summary(res)]
     paths = {"md": out_dir / "report.md", "csv": out_dir / "report.csv", "html": out_dir / "report.html"}
