@@ -1,4 +1,4 @@
-"""nox sessions: tests (default), lint, slow checks, mini pretraining, isolated scorer servers.
+"""nox sessions: tests (default), lint, slow checks, multi-process checks, mini pretraining, isolated scorer servers.
 
 CPU machines: every session installs the CPU build of torch first (see README).
 """
@@ -42,6 +42,16 @@ def slow(session: nox.Session) -> None:
     """Checks too slow for the default run (pytest -m slow)."""
     _install(session)
     session.run("python", "-m", "pytest", "-q", "-m", "slow", *session.posargs, env=_env())
+
+
+@nox.session
+def multiprocess(session: nox.Session) -> None:
+    """Several CPU processes under torchrun (gloo): the slow 2-process GRPO, OPD and SFT tests (same adapter as one
+    process) and the 2-process evaluation tests (same rows as one process; a killed run resumed by one process)."""
+    _install(session)
+    session.run("python", "-m", "pytest", "-q", "-m", "slow", "-k", "two_cpu_processes", "tests/test_grpo.py",
+                "tests/test_opd.py", "tests/test_sft.py", *session.posargs, env=_env())
+    session.run("python", "-m", "pytest", "-q", "tests/test_evaluate_distributed.py", *session.posargs, env=_env())
 
 
 @nox.session
