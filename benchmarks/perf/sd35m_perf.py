@@ -9,7 +9,9 @@ What is measured, in one process, with warm-up runs excluded and the device sync
    ``StableDiffusion3Pipeline`` on the *same* transformer, VAE, scheduler, conditioning and starting noise, and
    their ratio. The stock pipeline is called with ``output_type="pt"``: it decodes with the same VAE and maps
    to [0, 1] as ``SD3Policy.decode`` does (no PIL conversion), so both do the same denoising + decode work. The
-   two samplers take turns (and turns at going first), so that clock or thermal drift hits both alike.
+   two samplers take turns (and turns at going first), so that clock or thermal drift hits both alike. With
+   ``--compile``, both again with the shared transformer under ``torch.compile`` (the first, compiling call
+   timed apart), with the ratios to the uncompiled and to the compiled stock pipeline.
 2. One GRPO step as the trainer runs it (:mod:`flowopd.train.grpo`): the rollout (SDE sampling of a group with
    log-probs, 10 steps, through the trainer's ``_rollout``) timed apart from the training step (the trainer's
    ``_train_iteration`` on that group as one micro-batch: at each trained step the forward with gradient, the
@@ -24,13 +26,14 @@ are not built: both samplers and the rollout get the same random prompt embeddin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +140,7 @@ SIZES: dict[str, ModelSize] = {
     "sd35m": ModelSize(SD35M_TRANSFORMER, SD35M_VAE, SD3_TEXT_TOKENS, resolution=512, batch=8, grpo_group=4),
     "tiny": ModelSize(TINY_TRANSFORMER, TINY_VAE, text_tokens=12, resolution=32, batch=2, grpo_group=2),
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: accelerate's mixed_precision for each dtype, as GRPOConfig.mixed_precision names it.
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -238,8 +242,47 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
 
 
+@contextlib.contextmanager
+def compiled_transformer(policy: RandomTextSD3Policy, backend: str, mode: str | None) -> Iterator[None]:
+    """Both samplers call ``torch.compile`` of the shared transformer inside the block, the eager module after it."""
+    pipe, eager = policy.pipe, policy.transformer
+    compiled = torch.compile(eager, backend=backend, mode=mode)
+    policy.transformer = pipe.transformer = compiled
+    try:
+        yield
+    finally:
+        policy.transformer = pipe.transformer = eager
+
+
+def time_samplers(
+    runners: dict[str, Callable[[], torch.Tensor]], args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Warm-up runs, then ``args.repeats`` timed runs of every sampler, taking turns; images/s and peak memory."""
+    for _ in range(args.warmup):
+        for fn in runners.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    peaks = dict.fromkeys(runners, math.nan)
+    images: dict[str, torch.Tensor] = {}
+    for r in range(args.repeats):
+        order = list(runners.items())
+        for name, fn in order[r % 2 :] + order[: r % 2]:  # alternated, so that drift hits both samplers alike
+            reset_peak(device)
+            dt, images[name] = timed(fn, device)
+            seconds[name].append(dt)
+            peaks[name] = np.fmax(peaks[name], peak_gib(device))
+    out: dict[str, Any] = {}
+    for name in runners:
+        total = sum(seconds[name])
+        out[f"{name}_s_per_batch"] = total / args.repeats
+        out[f"{name}_images_per_s"] = args.batch * args.repeats / total
+        out[f"{name}_peak_gib"] = float(peaks[name])
+    return out, images
+
+
 def measure_sampling(policy: RandomTextSD3Policy, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Images/s of our sampler and of the stock pipeline on the same model, conditioning and noise."""
+    """Images/s of our sampler and of the stock pipeline on the same model, conditioning and noise; with
+    ``--compile`` again with the transformer compiled (the first call of each, compilation included, timed apart)."""
     pipe = policy.pipe
     cond = policy.encode_prompts(["benchmark prompt"] * args.batch)
     noise = policy.initial_noise(list(range(args.batch)), args.resolution, args.resolution)
@@ -263,29 +306,26 @@ def measure_sampling(policy: RandomTextSD3Policy, args: argparse.Namespace, devi
         )[0]
 
     runners = {"ours": ours} if args.skip_stock else {"ours": ours, "stock": stock}
-    for _ in range(args.warmup):
-        for fn in runners.values():
-            fn()
-    seconds: dict[str, list[float]] = {name: [] for name in runners}
-    peaks = dict.fromkeys(runners, math.nan)
-    images: dict[str, torch.Tensor] = {}
-    for r in range(args.repeats):
-        order = list(runners.items())
-        for name, fn in order[r % 2 :] + order[: r % 2]:  # alternated, so that drift hits both samplers alike
-            reset_peak(device)
-            dt, images[name] = timed(fn, device)
-            seconds[name].append(dt)
-            peaks[name] = np.fmax(peaks[name], peak_gib(device))
-    out: dict[str, Any] = {}
-    for name in runners:
-        total = sum(seconds[name])
-        out[f"{name}_s_per_batch"] = total / args.repeats
-        out[f"{name}_images_per_s"] = args.batch * args.repeats / total
-        out[f"{name}_peak_gib"] = float(peaks[name])
+    out, images = time_samplers(runners, args, device)
     if "stock" in runners:
         out["ratio_ours_over_stock"] = out["ours_images_per_s"] / out["stock_images_per_s"]
         # the same work: both samplers map the same noise to the same images (up to rounding)
         out["max_abs_image_diff"] = float((images["ours"].float() - images["stock"].float()).abs().max())
+    if args.compile:
+        with compiled_transformer(policy, args.compile_backend, args.compile_mode):
+            for name, fn in runners.items():  # compilation happens in the first call (and again if a guard fails)
+                out[f"{name}_compiled_first_call_s"], _ = timed(fn, device)
+            compiled, compiled_images = time_samplers({f"{n}_compiled": fn for n, fn in runners.items()}, args,
+                                                      device)
+        out.update(compiled)
+        out["ratio_ours_compiled_over_ours"] = out["ours_compiled_images_per_s"] / out["ours_images_per_s"]
+        # compiled kernels round differently: how far from the eager images (bf16 noise is ~1e-2)
+        out["max_abs_image_diff_compiled"] = float(
+            (compiled_images["ours_compiled"].float() - images["ours"].float()).abs().max())
+        if "stock" in runners:
+            out["ratio_ours_compiled_over_stock"] = out["ours_compiled_images_per_s"] / out["stock_images_per_s"]
+            out["ratio_ours_compiled_over_stock_compiled"] = (
+                out["ours_compiled_images_per_s"] / out["stock_compiled_images_per_s"])
     return out
 
 
@@ -402,7 +442,7 @@ def run(args: argparse.Namespace) -> PerfResult:
         **environment(device),
         "config": args.config, "dtype": args.dtype, "batch": args.batch, "steps": args.steps,
         "resolution": args.resolution, "guidance": args.guidance, "repeats": args.repeats, "warmup": args.warmup,
-        "text_tokens": size.text_tokens,
+        "text_tokens": size.text_tokens, "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
         "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
         "vae_parameters": sum(p.numel() for p in pipe.vae.parameters()),
         "build_s": time.perf_counter() - t0,
@@ -410,6 +450,9 @@ def run(args: argparse.Namespace) -> PerfResult:
     _log(f"built {args.config} on {m['device_name']} in {m['build_s']:.1f} s")
     m.update(measure_sampling(policy, args, device))
     _log(f"sampling: ours {m['ours_images_per_s']:.4g} images/s, stock {m.get('stock_images_per_s', math.nan):.4g}")
+    if args.compile:
+        _log(f"compiled: ours {m['ours_compiled_images_per_s']:.4g} images/s, "
+             f"stock {m.get('stock_compiled_images_per_s', math.nan):.4g}")
     model = None
     if not args.skip_grpo:
         try:
@@ -480,6 +523,8 @@ def render_markdown(m: dict[str, Any], command: str) -> str:
         ]
     else:
         lines += ["", "Stock pipeline skipped (`--skip-stock`): no ratio."]
+    if "ours_compiled_images_per_s" in m:
+        lines += _compiled_lines(m)
     if "grpo_error" in m:
         lines += ["", "## GRPO step", "", f"Failed: {m['grpo_error']}."]
     elif "train_step_s" in m:
@@ -504,6 +549,38 @@ def render_markdown(m: dict[str, Any], command: str) -> str:
             f"change over the timed steps {_fmt(m['lora_update_max_abs'])}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _compiled_lines(m: dict[str, Any]) -> list[str]:
+    """The ``--compile`` section: both samplers with the transformer compiled, and the ratios of the issue."""
+    lines = [
+        "",
+        f"## Sampling with the transformer compiled (`torch.compile`, backend {m['compile_backend']}, mode "
+        f"{m['compile_mode'] or 'default'})",
+        "",
+        "Same batches, noise and timing as above; the first call of each sampler (compilation included) is timed "
+        "apart and is not in the mean.",
+        "",
+        "| sampler | first call s (compile) | s / batch | images / s | peak memory allocated (GiB, weights included) |",
+        "|---|---|---|---|---|",
+        f"| ours, compiled | {_fmt(m['ours_compiled_first_call_s'])} | {_fmt(m['ours_compiled_s_per_batch'])} | "
+        f"{_fmt(m['ours_compiled_images_per_s'])} | {_fmt(m['ours_compiled_peak_gib'])} |",
+    ]
+    if "stock_compiled_images_per_s" in m:
+        lines.append(
+            f"| diffusers `StableDiffusion3Pipeline`, compiled | {_fmt(m['stock_compiled_first_call_s'])} | "
+            f"{_fmt(m['stock_compiled_s_per_batch'])} | {_fmt(m['stock_compiled_images_per_s'])} | "
+            f"{_fmt(m['stock_compiled_peak_gib'])} |")
+    lines += ["", f"- Ratio ours compiled / ours uncompiled (images/s): {m['ratio_ours_compiled_over_ours']:.3f}"]
+    if "ratio_ours_compiled_over_stock" in m:
+        lines += [
+            f"- **Ratio ours compiled / stock uncompiled (images/s): {m['ratio_ours_compiled_over_stock']:.3f}** "
+            "(goal of issue 22: >= 1.25)",
+            f"- Ratio ours compiled / stock compiled (images/s): {m['ratio_ours_compiled_over_stock_compiled']:.3f}",
+        ]
+    lines.append(f"- Largest pixel difference between our compiled and uncompiled images from the same noise: "
+                 f"{m['max_abs_image_diff_compiled']:.3g} (of 1)")
+    return lines
 
 
 def _log(text: str) -> None:
@@ -532,6 +609,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-stock", action="store_true", help="do not run diffusers' pipeline")
     parser.add_argument("--skip-grpo", action="store_true", help="do not measure the GRPO step")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both samplers with the transformer under torch.compile (compile time apart)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor)")
+    parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                        help="torch.compile mode (default: torch's default)")
     parser.add_argument("--allow-cpu", action="store_true", help="let --config sd35m run on CPU (hours)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     args = parser.parse_args(argv)
@@ -551,6 +633,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "steps", "resolution", "repeats", "grpo_group", "grpo_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.compile and (args.compile_backend or args.compile_mode):
+        parser.error("--compile-backend and --compile-mode need --compile")
+    args.compile_backend = args.compile_backend or "inductor"
+    if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(f"--compile-backend {args.compile_backend!r} is not a torch.compile backend; known: "
+                     f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     multiple = 2 ** (len(size.vae["block_out_channels"]) - 1) * size.transformer["patch_size"]
