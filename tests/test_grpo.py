@@ -256,9 +256,10 @@ def test_resume_from_iteration_one_is_bitwise_the_uninterrupted_run(run_a, tiny_
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="lora_rnk"):
         load_config(GRPOConfig, None, ["lora_rnk=4"])
-    cfg = load_config(GRPOConfig, None, ["group_size=1", "reward.weights.geneval=1.0"])
+    with pytest.raises(ConfigError, match="group_size"):  # refused when parsed, and when built in code
+        load_config(GRPOConfig, None, ["group_size=1", "reward.weights.geneval=1.0"])
     with pytest.raises(ConfigError, match="group_size"):
-        train(cfg)
+        train(dataclasses.replace(GRPOConfig(), group_size=1))
     cfg = load_config(GRPOConfig, None, ["sde_type=cps", "timestep_fraction=1.0", "reward.weights.geneval=1.0"])
     with pytest.raises(ConfigError, match="last step"):
         train(cfg)

@@ -2,6 +2,10 @@
 
 Subcommands map to ``"module:function"`` strings imported on first use, so ``pretrain`` never imports the
 GRPO or OPD code. Each function takes the arguments after the subcommand and returns an exit code.
+
+Every error ends at one boundary (:func:`flowopd.errors.run_cli`): a bad config, a missing file, an unreadable
+checkpoint, a run that diverged are one or two lines on stderr and exit status 2; the traceback only with
+``FLOWOPD_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import difflib
 import sys
 from collections.abc import Sequence
 
+from flowopd.errors import run_cli
 from flowopd.registry import import_string
 
 COMMANDS: dict[str, str] = {
@@ -35,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"unknown subcommand {command!r}{hint}; known: {', '.join(sorted(COMMANDS))}\n{_USAGE}", file=sys.stderr)
         return 2
-    return int(import_string(COMMANDS[command])(rest) or 0)
+    return run_cli(lambda: import_string(COMMANDS[command])(rest), prog=f"python -m flowopd.train {command}")
 
 
 if __name__ == "__main__":

@@ -50,9 +50,10 @@ import numpy as np
 import torch
 
 from flowopd.models.policy import Conditioning, index_cond
+from flowopd.registry import Registry, UnknownNameError
 from flowopd.rewards import ANY_TASK, Reward, RewardOutput
 from flowopd.scorers.base import Scorer
-from flowopd.train.config import ConfigError, load_config, to_dict
+from flowopd.train.config import ConfigError, check_fields, load_config, to_dict
 from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients, task_reward_metrics
 from flowopd.train.lora import (
     EMA,
@@ -74,6 +75,14 @@ from flowopd.train.rollout import (
     step_log_prob,
     trained_positions,
 )
+from flowopd.train.runs import (
+    CheckpointError,
+    check_health,
+    checkpoint_problem,
+    divergence_error,
+    prepare_resume,
+    watch_scaler,
+)
 
 CHECKPOINT_FORMAT = "flowopd-grpo/1"
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,8 +102,9 @@ class PromptSourceConfig:
     task: str = _help(ANY_TASK, "Routing key: the prompts' metadata['task'], which picks their reward terms.")
     weight: float = _help(1.0, "Share of this source. mix='iteration': whole iterations per cycle (GRPO-Mix "
                           "GenEval:OCR:PickScore = 3:1:1, integers); mix='prompt': probability weight.")
-    sampler: str = _help("", "'module:function' called as f(rng: numpy Generator, **sampler_args) -> metadata "
-                         "dict with 'prompt', e.g. flowopd.world.grammar:sample_prompt.")
+    sampler: str = _help("", "A registered prompt sampler (PROMPT_SAMPLERS: 'mini-world', also written "
+                         "'flowopd.world.grammar:sample_prompt'; others registered by the recipe's `imports`), called "
+                         "as f(rng: numpy Generator, **sampler_args) -> metadata dict with 'prompt'.")
     sampler_args: dict[str, Any] = _help({}, "Keyword arguments of the sampler, e.g. {split='train', task='ocr'}.")
     prompt_set: dict[str, Any] = _help({}, "A prompt file as flowopd.bench.spec.PromptSetSpec fields (format, "
                                        "path, url, sha256, prompt_field): pinned and verified by flowopd.data.")
@@ -127,7 +137,9 @@ class GRPOConfig:
     seed: int = _help(42, "Seeds the prompt/noise generator and the adapter init (Flow-GRPO: 42).")
     resume: str = _help("", "'' starts fresh; 'latest' continues from the newest checkpoint in output_dir "
                         "(fresh if none); or a checkpoint directory.")
-    imports: list[str] = _help([], "Modules imported first, so that they can register scorers.")
+    imports: list[str] = _help([], "Modules imported first, so that they can register scorers and prompt samplers. "
+                           "This RUNS CODE, as running a Python file of yours would: the only field through which "
+                           "a recipe loads code (every other name resolves through a registry).")
     mixed_precision: str = _help("bf16", "'no', 'bf16' or 'fp16': dtype of the frozen base weights and "
                                  "accelerate's autocast; the adapter stays float32 and the VAE float32.")
     allow_tf32: bool = _help(True, "TF32 matmuls on Ampere+ GPUs (Flow-GRPO: true).")
@@ -146,6 +158,8 @@ class GRPOConfig:
     resolution: int = _help(512, "Image height and width (published 512).")
     num_steps: int = _help(10, "Sampling steps of a training rollout (published 10; evaluation uses 40).")
     guidance_scale: float = _help(4.5, "CFG scale for rollouts and the training forward (published 4.5).")
+    max_sequence_length: int = _help(128, "T5 prompt length of SD3 models (Flow-GRPO / Flow-OPD encode at 128; "
+                                     "diffusers' default is 256). The mini world's tokenizer has its own length.")
     noise_level: float = _help(0.7, "SDE noise level a in sigma_t = a sqrt(t / (1 - t)) (published 0.7).")
     sde_type: str = _help("sde", "'sde' (Flow-GRPO) or 'cps' (coefficient-preserving sampling).")
     same_group_noise: bool = _help(False, "Every sample of a group starts from the same noise (DanceGRPO's "
@@ -229,13 +243,37 @@ class GRPOResult:
     policy: Any
 
 
+#: Training prompt samplers (PromptSourceConfig.sampler): callables ``f(rng, **sampler_args) -> metadata dict`` with
+#: ``"prompt"``. A recipe names one of them (or its registered ``"module:function"``) and never imports code by
+#: itself; its ``imports`` modules, or the ``flowopd.prompt_samplers`` entry-point group, register more.
+PROMPT_SAMPLERS = Registry("prompt sampler", entry_point_group="flowopd.prompt_samplers")
+PROMPT_SAMPLERS.register("mini-world", "flowopd.world.grammar:sample_prompt")
+
+
+def resolve_sampler(value: str) -> Any:
+    """The registered prompt sampler that ``value`` names (its name or its registered target); anything else
+    raises UnknownNameError before any code of it is imported."""
+    for name in PROMPT_SAMPLERS.names():
+        if value in (name, PROMPT_SAMPLERS.target(name)):
+            return PROMPT_SAMPLERS.get(name)
+    return PROMPT_SAMPLERS.get(value)  # not registered: the error lists the registered samplers
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import a recipe's ``imports`` (this runs their code); a module that is not found is a one-line error."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"imports: cannot import {module!r} ({e}); is it on PYTHONPATH?") from e
+
+
 class PromptSampler:
     """Draws training prompts from the recipe's sources (see PromptSourceConfig and GRPOConfig.mix)."""
 
     def __init__(self, sources: Sequence[PromptSourceConfig], mix: str = "iteration") -> None:
         from flowopd.bench.spec import PromptSetSpec, get_spec
         from flowopd.data import load_prompts
-        from flowopd.registry import import_string
 
         if not sources:
             raise ConfigError("no prompt sources: add at least one [[prompts]] table to the recipe")
@@ -251,7 +289,10 @@ class PromptSampler:
                                   f"benchmark; got {kinds or 'none'}")
             if s.weight <= 0:
                 raise ConfigError(f"prompts[{i}]: weight must be > 0, got {s.weight}")
-            self.fns.append(import_string(s.sampler) if s.sampler else None)
+            try:
+                self.fns.append(resolve_sampler(s.sampler) if s.sampler else None)
+            except UnknownNameError as e:
+                raise ConfigError(f"prompts[{i}].sampler: {e}") from e
             if s.prompt_set:
                 self.pools.append(load_prompts(PromptSetSpec(**s.prompt_set)))
             elif s.benchmark:
@@ -406,8 +447,7 @@ def _train(
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
-    for module in config.imports:
-        importlib.import_module(module)
+    import_modules(config.imports)
     _check(config)
     n_train = len(trained_positions(config.num_steps, config.sde_window_size or config.num_steps,
                                     config.timestep_fraction, config.sde_window_size > 0))
@@ -530,8 +570,14 @@ def end_iteration(
     writer: Any,
 ) -> dict[str, float]:
     """The tail every training loop (GRPO, OPD, SFT) shares: the checkpoint and the evaluation when due, then
-    the iteration's metrics logged (tensorboard, metrics.jsonl); returns the logged metrics."""
+    the iteration's metrics logged (tensorboard, metrics.jsonl); returns the logged metrics. An iteration that
+    diverged (:func:`flowopd.train.runs.check_health`) is logged, then stops the run before its checkpoint."""
     out_dir = Path(config.output_dir)
+    problem = check_health(metrics, named, ema, accelerator.scaler, step)
+    if problem:
+        metrics.update({"iteration": iteration, "optimizer_step": step})
+        _log(metrics, writer, out_dir, accelerator.is_main_process)
+        raise divergence_error(problem, iteration, out_dir)
     if iteration % config.save_every == 0 or iteration == config.num_iterations:
         path = out_dir / "checkpoints" / f"iteration-{iteration:06d}"
         save_checkpoint(path, accelerator, model, named, optimizer, scheduler, ema, rng,
@@ -546,19 +592,13 @@ def end_iteration(
 
 
 def _check(config: GRPOConfig, require_reward: bool = True) -> None:
-    choices = {"mixed_precision": _DTYPES, "sde_type": ("sde", "cps"), "log_prob_reduction": ("mean", "sum"),
-               "advantage_std": ("batch", "group"), "mix": ("iteration", "prompt")}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ConfigError(f"{name} must be one of {sorted(allowed)}, got {getattr(config, name)!r}")
-    if config.group_size < 2:
-        raise ConfigError(f"group_size must be >= 2 (a group of one has no advantage), got {config.group_size}")
-    for name in ("prompts_per_iteration", "sample_batch_size", "updates_per_iteration", "num_iterations",
-                 "save_every", "num_steps"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.noise_level <= 0:
-        raise ConfigError(f"noise_level must be > 0 for training (0 is the deterministic ODE), got {config.noise_level}")
+    check_fields(config)  # each field's range (flowopd.train.config.FIELD_RULES), for configs built in code
+    lo_hi = config.sde_window_range
+    if config.sde_window_size and not (
+        len(lo_hi) == 2 and lo_hi[0] + config.sde_window_size <= min(lo_hi[1], config.num_steps)
+    ):
+        raise ConfigError(f"sde_window_range must be [lo, hi] with lo + sde_window_size <= min(hi, num_steps = "
+                          f"{config.num_steps}), got {lo_hi} (sde_window_size = {config.sde_window_size})")
     if config.sde_type == "cps":
         end = config.sde_window_range[1] if config.sde_window_size else int(config.num_steps * config.timestep_fraction)
         if end >= config.num_steps:
@@ -596,6 +636,8 @@ def prepare_policy(policy: Any, config: GRPOConfig) -> torch.nn.Module:
     velocity network; returns the adapted network, already set back on the policy."""
     dtype = _DTYPES[config.mixed_precision]
     pipe = getattr(policy, "pipe", None)
+    if hasattr(policy, "max_sequence_length"):  # SD3: T5 prompt length of rollouts and the training forward
+        policy.max_sequence_length = config.max_sequence_length
     if pipe is not None:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
@@ -883,15 +925,10 @@ def _nanstd(x: np.ndarray) -> float:
 
 
 def _resume_dir(config: GRPOConfig, out_dir: Path) -> Path | None:
-    if not config.resume:
-        return None
-    if config.resume == "latest":
-        found = sorted((out_dir / "checkpoints").glob("iteration-[0-9]*[0-9]"))
-        return found[-1] if found else None
-    path = Path(config.resume)
-    if not (path / "state" / "trainer.json").is_file():
-        raise FileNotFoundError(f"resume = {config.resume!r}: no GRPO checkpoint there (expected state/trainer.json)")
-    return path
+    """The checkpoint to resume from, or None for a fresh start (GRPO, OPD and SFT alike): a corrupt newest
+    checkpoint falls back to the previous one, the config may differ only in declared fields, metrics.jsonl is
+    trimmed to the resumed iteration (:func:`flowopd.train.runs.prepare_resume`)."""
+    return prepare_resume(config, out_dir, CHECKPOINT_FORMAT)
 
 
 def save_checkpoint(
@@ -949,26 +986,29 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     state = path / "state"
+    problem = checkpoint_problem(path, CHECKPOINT_FORMAT)
+    if problem:
+        raise CheckpointError(f"{path}: the checkpoint cannot be read: {problem}")
     trainer = json.loads((state / "trainer.json").read_text())
-    if trainer.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{state / 'trainer.json'}: format {trainer.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     live = load_file(str(state / "adapter_live.safetensors"))
     names = [n for n, _ in named]
     if sorted(live) != sorted(names):
-        raise KeyError(f"{state / 'adapter_live.safetensors'}: adapter weights {sorted(set(live) ^ set(names))[:4]} "
-                       f"do not match the model's adapter (different lora_rank/targets/model?)")
+        raise CheckpointError(f"{state / 'adapter_live.safetensors'}: adapter weights "
+                              f"{sorted(set(live) ^ set(names))[:4]} do not match the model's adapter (different "
+                              f"lora_rank/targets/model?)")
     with torch.no_grad():
         for n, p in named:
             p.copy_(live[n])
     if ema is not None:
         ema_file = state / "ema.safetensors"
         if not ema_file.is_file():
-            raise FileNotFoundError(f"{ema_file} missing: the checkpoint was written with ema = false")
+            raise CheckpointError(f"{ema_file} missing: the checkpoint was written with ema = false")
         ema.load_state_dict(load_file(str(ema_file)))
     optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(state / "scheduler.pt", map_location="cpu", weights_only=True))
     if accelerator.scaler is not None and (state / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(state / "scaler.pt", weights_only=True))
+    watch_scaler(accelerator.scaler, int(trainer["optimizer_step"]))
     rng.bit_generator.state = trainer["sampler_rng"]
     if trainer.get("num_processes") != accelerator.num_processes:
         print(f"resume: checkpoint from {trainer.get('num_processes')} processes, running {accelerator.num_processes}: "
