@@ -238,3 +238,50 @@ def test_two_cpu_processes_with_ddp_match_the_single_process_run(run_a):
     ddp = load_file(out / "checkpoints" / "iteration-000002" / "state" / "adapter_live.safetensors")
     assert single.keys() == ddp.keys()
     assert all(torch.allclose(single[k], ddp[k], rtol=0, atol=1e-6) for k in single)
+
+
+def test_public_time_draw_is_the_shifted_scheduler_grid():
+    """time_grid = 1000, time_shift = 3: t = S(1 - floor(1000 u) / 1000), S(s) = 3s / (1 + 2s), the public SFT's
+    index into the SD3.5 scheduler's 1000 shifted training sigmas."""
+    u = sample_times(np.random.default_rng(7), (4000,), "logit_normal")
+    t = sample_times(np.random.default_rng(7), (4000,), "logit_normal", shift=3.0, grid=1000)
+    s = 1 - np.floor(1000 * u) / 1000
+    np.testing.assert_allclose(t, 3 * s / (1 + 2 * s), rtol=1e-12)
+    grid = 3 * (1 - np.arange(1000) / 1000) / (1 + 2 * (1 - np.arange(1000) / 1000))
+    assert np.isin(np.round(t, 12), np.round(grid, 12)).all() and t.max() <= 1.0 and t.min() > 0
+    assert np.median(t) > 0.7  # shift 3 moves the mass toward noise
+    assert np.array_equal(sample_times(np.random.default_rng(7), (4000,), "logit_normal", shift=1.0, grid=0), u)
+
+
+@pytest.mark.parametrize("override, field", [("time_shift=0", "time_shift"), ("time_shift=inf", "time_shift"),
+                                             ("time_grid=-1", "time_grid"), ("data_noise_level=-0.5", "data_noise_level"),
+                                             ("max_sequence_length=0", "max_sequence_length")])
+def test_bad_public_sft_settings_are_refused(override, field):
+    with pytest.raises(ConfigError, match=field):
+        config = load_config(SFTConfig, None, ["teachers.ocr=x", override])
+        check_config(config, 1)
+
+
+def test_public_preset_parses_with_the_public_values(request):
+    root = Path(request.config.rootpath) / "training" / "configs"
+    cfg = load_config(SFTConfig, root / "sft_public.toml")
+    assert check_config(cfg, 1)[0] >= 1
+    assert (cfg.data, cfg.best_of_n, cfg.data_noise_level, cfg.anchor_weight, cfg.time_shift, cfg.time_grid,
+            cfg.learning_rate, cfg.sample_steps, cfg.max_sequence_length) == (
+        "best_of_n", 24, 0.7, 100.0, 3.0, 1000, 3e-4, 40, 128)
+
+
+def test_best_of_n_with_sde_data_sampling(tiny, tmp_path):
+    """data_noise_level > 0: the best-of-n data come from the SDE sampler, reproducibly (seeded per sample)."""
+    text = RECIPE.format(model=tiny["pipe"], out=tmp_path / "bon", t1=tiny["geneval"], t2=tiny["ocr"])
+    teachers = f'[teachers]\ngeneval = "{tiny["geneval"]}"\nocr = "{tiny["ocr"]}"\n'
+    rows = []
+    for name, noise in (("ode", 0.0), ("sde", 0.7), ("sde2", 0.7)):
+        recipe = tmp_path / f"{name}.toml"
+        recipe.write_text(text.replace(teachers, f'data = "best_of_n"\nbest_of_n = 3\ndata_noise_level = {noise}\n\n'
+                                       '[reward]\nweights = { test-redness = 1.0 }\n').replace(
+                                       str(tmp_path / "bon"), str(tmp_path / name)))
+        assert train_main(["sft", str(recipe), "num_iterations=1"]) == 0
+        rows.append(json.loads((tmp_path / name / "metrics.jsonl").read_text()))
+    assert rows[1]["data/reward_mean"] == rows[2]["data/reward_mean"]  # same seeds, same SDE samples
+    assert rows[0]["data/reward_mean"] != rows[1]["data/reward_mean"]  # the SDE draws other images

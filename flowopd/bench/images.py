@@ -80,8 +80,44 @@ def write_prompt_metadata(root: Path, prompts: Sequence[Mapping[str, Any]]) -> N
 _EXTENSIBLE = frozenset({"images_per_prompt"})
 
 
-def check_generation_record(root: Path, record: Mapping[str, Any]) -> None:
-    """Refuse to mix images made with other settings into one image set.
+def image_set_key(
+    identity: Mapping[str, Any], image_set: str, prompts_sha256: str, generation: GenerationSpec, label: str
+) -> dict[str, Any]:
+    """Everything an image set's pixels depend on: the checkpoint identity, the image set name (it seeds the
+    samples), the prompt set's sha256 and every generation setting (all fields of GenerationSpec, whatever they
+    are). ``label`` (the CHECKPOINT as the user wrote it) is recorded, not compared."""
+    return {"checkpoint": label, "identity": dict(identity), "image_set": image_set,
+            "prompts_sha256": prompts_sha256, "generation": generation.record()}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def key_differences(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """``field: old -> new`` for every leaf that differs (``path`` leaves and ``ignore`` never count: a model
+    copied elsewhere is the same model)."""
+    a, b = _flat(old), _flat(new)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore or k.rsplit(".", 1)[-1] == "path" or a.get(k, "<absent>") == b.get(k, "<absent>"):
+            continue
+        diffs.append(f"{k}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}")
+    return diffs
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def check_image_set(root: Path, key: Mapping[str, Any]) -> None:
+    """Refuse to mix images of another key into ``root``; record ``key`` there.
 
     ``images_per_prompt`` may change: a sample's seed depends on its index alone, so more images per prompt
     extend the set (the existing ones are kept) and fewer use its first ones.
@@ -133,6 +169,16 @@ def generate_images(
     for batch in _batches(todo, batch_size):
         texts = [prompts[i]["prompt"] for i, _ in batch]
         seeds = [sample_seed(generation.seed, image_set, i, k) for i, k in batch]
+def apply_generation_settings(policy: Policy, generation: GenerationSpec) -> None:
+    """Settings that live on the policy rather than in the sampler call: the T5 prompt length of SD3 policies."""
+    if generation.max_sequence_length is None:
+        return
+    if not hasattr(policy, "max_sequence_length"):
+        raise ValueError(f"generation.max_sequence_length = {generation.max_sequence_length}: this policy "
+                         f"({type(policy).__name__}) has no T5 prompt length to set (SD3 models only)")
+    policy.max_sequence_length = generation.max_sequence_length
+
+
         cond = policy.encode_prompts(texts)
         noise = policy.initial_noise(seeds, generation.height, generation.width)
         images = sample_ode(policy, cond, noise, generation.steps, generation.guidance_scale)
@@ -151,6 +197,7 @@ def find_external_images(root: Path, n_prompts: int) -> dict[int, list[Path]]:
         if folder.is_dir():
             files = sorted(folder.glob("*.png"))
         else:
+    apply_generation_settings(policy, generation)
             files = [p for p in (root / f"{index:05d}.png", root / f"{index}.png") if p.is_file()][:1]
         if files:
             found[index] = files

@@ -49,6 +49,14 @@ class GenerationSpec:
     width: int = 512
     steps: int = 40
     guidance_scale: float = 4.5
+    #: T5 prompt length of SD3 policies (Flow-GRPO / Flow-OPD encode at 128, diffusers' default is 256);
+    #: None keeps the policy's own (the mini world's tokenizer has a fixed length and takes none).
+    max_sequence_length: int | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The settings as recorded in results and image-cache keys: unset optional ones are left out, so a
+        record made before such a setting existed still compares equal."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass(frozen=True)

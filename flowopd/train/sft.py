@@ -43,7 +43,7 @@ import torch
 from flowopd.models.policy import Conditioning, index_cond
 from flowopd.rewards import Reward
 from flowopd.scorers.base import Scorer
-from flowopd.sde import ode_step
+from flowopd.sde import ode_step, sde_step_with_logprob
 from flowopd.train.config import ConfigError, load_config, to_dict
 from flowopd.train.grpo import (
     GRPOResult,
@@ -101,6 +101,7 @@ class SFTConfig:
     resolution: int = _field(512, "Image height and width.")
     sample_steps: int = _field(40, "ODE steps of the data samples (published evaluation setting 40).")
     guidance_scale: float = _field(4.5, "CFG scale of the data samples (published 4.5).")
+    max_sequence_length: int = _field(128, "T5 prompt length of SD3 models (the public code: 128; diffusers: 256).")
     prompts_per_iteration: int = _field(32, "Samples (prompts) per iteration over all processes.")
     sample_batch_size: int = _field(8, "Prompts per data-sampling batch per process.")
     # --- optimisation
@@ -122,6 +123,12 @@ class SFTConfig:
                                 "t = sigmoid(N(logit_mean, logit_std))) or 'uniform'.")
     logit_mean: float = _field(0.0, "Mean of the logit-normal times (SD3: 0).")
     logit_std: float = _field(1.0, "Std of the logit-normal times (SD3: 1).")
+    time_shift: float = _field(1.0, "Shift of the sampled times, t = shift s / (1 + (shift - 1) s) (the public SFT "
+                               "draws its times from the SD3.5 scheduler: shift 3; 1 = none).")
+    time_grid: int = _field(0, "0: continuous times; N: s = 1 - floor(N u) / N before the shift, the public SFT's "
+                            "index into the scheduler's 1000 training timesteps (1000).")
+    data_noise_level: float = _field(0.0, "data = 'best_of_n': 0 samples with the ODE; a > 0 with the Flow-GRPO SDE "
+                                     "at noise level a (the public SFT: 0.7).")
     loss_guidance_scale: float = _field(1.0, "1: regress the conditional velocity (standard flow matching); > 1: "
                                         "the CFG velocity at this scale, unconditional branch detached.")
     ema: bool = _field(False, "EMA of the adapter (checkpoints and evaluation then use it).")
@@ -149,13 +156,22 @@ class SFTPlan:
 
 
 def sample_times(rng: np.random.Generator, shape: tuple[int, ...], kind: str, mean: float = 0.0,
-                 std: float = 1.0) -> np.ndarray:
-    """Flow-matching times in (0, 1): logit-normal ``sigmoid(N(mean, std))`` (SD3) or uniform."""
+                 std: float = 1.0, shift: float = 1.0, grid: int = 0) -> np.ndarray:
+    """Flow-matching times in (0, 1]: ``u`` logit-normal ``sigmoid(N(mean, std))`` (SD3) or uniform, then
+    optionally put on a grid of ``grid`` training timesteps, ``s = 1 - floor(grid u) / grid``, and shifted,
+    ``t = shift s / (1 + (shift - 1) s)`` - with ``grid = 1000`` and ``shift = 3`` the public SFT's draw (its
+    index into the SD3.5 scheduler's shifted training sigmas)."""
     if kind == "logit_normal":
-        return 1.0 / (1.0 + np.exp(-rng.normal(mean, std, size=shape)))
-    if kind == "uniform":
-        return rng.uniform(0.0, 1.0, size=shape)
-    raise ConfigError(f"time_sampling must be 'logit_normal' or 'uniform', got {kind!r}")
+        u = 1.0 / (1.0 + np.exp(-rng.normal(mean, std, size=shape)))
+    elif kind == "uniform":
+        u = rng.uniform(0.0, 1.0, size=shape)
+    else:
+        raise ConfigError(f"time_sampling must be 'logit_normal' or 'uniform', got {kind!r}")
+    if grid:
+        u = 1.0 - np.floor(grid * u) / grid
+    if shift != 1.0:
+        u = shift * u / (1.0 + (shift - 1.0) * u)
+    return u
 
 
 def plan_sft(config: SFTConfig, sampler: PromptSampler, rng: np.random.Generator, iteration: int) -> SFTPlan:
@@ -165,7 +181,8 @@ def plan_sft(config: SFTConfig, sampler: PromptSampler, rng: np.random.Generator
         metas=sampler.draw(rng, iteration, p),
         data_seeds=rng.integers(0, 2**31 - 1, size=(p, n)),
         eps_seeds=rng.integers(0, 2**31 - 1, size=(e, p)),
-        times=sample_times(rng, (e, p), config.time_sampling, config.logit_mean, config.logit_std),
+        times=sample_times(rng, (e, p), config.time_sampling, config.logit_mean, config.logit_std, config.time_shift,
+                           config.time_grid),
         shuffle_seed=int(rng.integers(0, 2**31 - 1)),
     )
 
@@ -178,6 +195,20 @@ def ode_latents(policy: Any, cond: Conditioning, noise: torch.Tensor, num_steps:
     for i in range(num_steps):
         v = policy.velocity(x, times[i].expand(x.shape[0]).to(x.device), cond, guidance_scale)
         x = ode_step(x, v.float(), times[i], times[i + 1])
+    return x
+
+
+@torch.no_grad()
+def sde_latents(policy: Any, cond: Conditioning, noise: torch.Tensor, num_steps: int, guidance_scale: float,
+                noise_level: float, seeds: Sequence[int]) -> torch.Tensor:
+    """Flow-GRPO's SDE sampling from ``noise`` to t = 0 (every step stochastic, one generator per sample seeded
+    by ``seeds``, so a sample does not depend on its batch); the final latents in float32."""
+    times = policy.timesteps(num_steps)
+    x = noise.to(policy.device, torch.float32)
+    gens = [torch.Generator(device=x.device).manual_seed(int(s)) for s in seeds]
+    for i in range(num_steps):
+        v = policy.velocity(x, times[i].expand(x.shape[0]).to(x.device), cond, guidance_scale)
+        x = sde_step_with_logprob(x, v.float(), times[i], times[i + 1], noise_level, generator=gens).sample.float()
     return x
 
 
@@ -251,6 +282,12 @@ def check_config(config: SFTConfig, world: int) -> tuple[int, int]:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.anchor_weight < 0:
         raise ConfigError(f"anchor_weight must be >= 0, got {config.anchor_weight}")
+    if not (math.isfinite(config.time_shift) and config.time_shift > 0):
+        raise ConfigError(f"time_shift must be a finite number > 0, got {config.time_shift}")
+    if config.time_grid < 0:
+        raise ConfigError(f"time_grid must be 0 (continuous) or a number of timesteps >= 1, got {config.time_grid}")
+    if not (math.isfinite(config.data_noise_level) and config.data_noise_level >= 0):
+        raise ConfigError(f"data_noise_level must be a finite number >= 0, got {config.data_noise_level}")
     if config.prompts_per_iteration % (world * config.train_batch_size):
         raise ConfigError(f"prompts_per_iteration = {config.prompts_per_iteration} must split into {world} processes "
                           f"x micro-batches of train_batch_size = {config.train_batch_size}")
@@ -403,7 +440,12 @@ def _best_of_n(
     repeat = torch.arange(len(metas), device=policy.device).repeat_interleave(n)
     noise = policy.initial_noise(seeds.reshape(-1).tolist(), config.resolution, config.resolution)
     with adapter_active(model, None):
-        latents = ode_latents(policy, index_cond(cond, repeat), noise, config.sample_steps, config.guidance_scale)
+        if config.data_noise_level > 0:
+            latents = sde_latents(policy, index_cond(cond, repeat), noise, config.sample_steps, config.guidance_scale,
+                                  config.data_noise_level, (seeds.reshape(-1) + 1).tolist())
+        else:
+            latents = ode_latents(policy, index_cond(cond, repeat), noise, config.sample_steps,
+                                  config.guidance_scale)
     images = policy.decode(latents).float().clamp(0, 1)
     metas_n = [m for m in metas for _ in range(n)]
     with torch.no_grad():
