@@ -8,7 +8,10 @@ scales it to [-1, 1] and regresses the velocity ``v = eps - x0`` at ``x_t = (1 -
 gets ``train_log.csv`` (one row per step), periodic resumable checkpoints in ``checkpoints/`` (weights,
 optimizer, EMA, RNG states, step; the last one at the final step) and, at the end, ``model.safetensors`` + ``config.json`` loadable with
 :func:`flowopd.models.mini.load_mini`. Rerunning the same command after an interruption resumes from the
-latest checkpoint and reproduces the uninterrupted run's weights.
+latest checkpoint and reproduces the uninterrupted run's weights (issue 19, point 6): a latest checkpoint that
+cannot be read is set aside (``step_N.pt.corrupt``) with a warning and the previous one is used; the config may
+differ from the checkpoint's only in :data:`RESUME_CHANGEABLE` (recorded in ``resume_log.jsonl``); a non-finite
+loss, gradient norm or weight stops the run with an error, before it is checkpointed.
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 from flowopd.models.mini import MiniModelConfig, MiniPolicy, MiniTokenizer, build_mini, save_mini
-from flowopd.train.config import load_config, to_dict
+from flowopd.train.config import ConfigError, load_config, resume_changes, to_dict
+from flowopd.train.runs import CheckpointError, TrainingDivergedError, file_problem, record_resume
 
 _LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Fields that may differ between an interrupted run and its resume: cadence, threads, where the run lies and the
+#: sampling settings it records. max_steps is not one: the cosine schedule depends on it.
+RESUME_CHANGEABLE = ("checkpoint_every", "keep_checkpoints", "threads", "out", "sample_steps", "sample_guidance")
 
 
 @dataclass
@@ -129,8 +136,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
-    if cfg.save_dtype not in _DTYPES:
-        raise ValueError(f"save_dtype must be one of {sorted(_DTYPES)}, got {cfg.save_dtype!r}")
 
     torch.manual_seed(cfg.seed)
     tokenizer = MiniTokenizer.from_grammar(cfg.model.max_length)
@@ -144,9 +149,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     empty_tokens, empty_mask = tokenizer([""])
 
     step, seconds = 0, 0.0
-    latest = _latest_checkpoint(out)
+    latest, unreadable = _latest_checkpoint(out)
     if latest is not None:
-        step, seconds = _load_checkpoint(latest, cfg, policy, ema, optimizer, rng, generator)
+        step, seconds = _load_checkpoint(latest, cfg, policy, ema, optimizer, rng, generator, unreadable)
     log_path = out / "train_log.csv"
     _truncate_log(log_path, step)
 
@@ -175,6 +180,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # stop before the step spoils the weights
+                raise _diverged(out, step + 1, f"loss = {loss.item()}, gradient norm = {grad_norm.item()}")
             optimizer.step()
             if ema is not None:
                 _ema_update(ema, policy, cfg.ema_decay, step)
@@ -185,10 +192,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+                _check_weights(out, step, policy, ema)
                 log_file.flush()
                 _save_checkpoint(out, cfg, step, seconds, policy, ema, optimizer, rng, generator)
     bar.close()
 
+    _check_weights(out, step, policy, ema)
     final = ema if ema is not None else policy
     extra = {
         "sampling": {"num_steps": cfg.sample_steps, "guidance_scale": cfg.sample_guidance},
@@ -210,9 +219,33 @@ def _checkpoint_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    paths = sorted(_checkpoint_dir(out).glob("step_*.pt"))
-    return paths[-1] if paths else None
+def _latest_checkpoint(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest readable checkpoint (None: a fresh start), and the newer ones that cannot be read with why."""
+    unreadable = []
+    for path in reversed(sorted(_checkpoint_dir(out).glob("step_*.pt"))):
+        problem = file_problem(path)
+        if problem is None:
+            return path, unreadable
+        unreadable.append((path, problem))
+    if unreadable:
+        raise CheckpointError(f"no readable checkpoint in {_checkpoint_dir(out)} "
+                              f"({'; '.join(f'{p.name}: {why}' for p, why in unreadable)}): delete them to start over")
+    return None, []
+
+
+def _diverged(out: Path, step: int, what: str) -> TrainingDivergedError:
+    latest = sorted(_checkpoint_dir(out).glob("step_*.pt"))
+    last = f"the last good checkpoint is {latest[-1]}" if latest else "no checkpoint was written"
+    return TrainingDivergedError(f"pretrain step {step}: training diverged: {what}. Stopped before checkpointing "
+                                 f"it; {last} (a lower lr or grad_clip may help)")
+
+
+def _check_weights(out: Path, step: int, policy: MiniPolicy, ema: MiniPolicy | None) -> None:
+    for name, net in (("weights", policy), ("EMA weights", ema)):
+        if net is not None:
+            bad = [n for n, p in net.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                raise _diverged(out, step, f"{len(bad)} non-finite tensors in the {name} (e.g. {bad[0]})")
 
 
 def _save_checkpoint(
@@ -242,16 +275,16 @@ def _save_checkpoint(
 def _load_checkpoint(
     path: Path, cfg: PretrainConfig, policy: MiniPolicy, ema: MiniPolicy | None,
     optimizer: torch.optim.Optimizer, rng: np.random.Generator, generator: torch.Generator,
+    unreadable: list[tuple[Path, str]],
 ) -> tuple[int, float]:
+    """Restore the checkpoint at ``path`` after checking its config against ``cfg`` (a field changed outside
+    RESUME_CHANGEABLE is refused) and record the resume; ``unreadable``: newer checkpoints to set aside."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(state["config"])
-    if saved["model"] != to_dict(cfg)["model"]:
-        raise ValueError(
-            f"{path} was written with model={saved['model']}, but the config asks for model={to_dict(cfg)['model']}; "
-            f"use another out= or delete {path.parent}"
-        )
-    if (ema is None) != ("ema" not in state):
-        raise ValueError(f"{path}: ema_decay differs from the run that wrote it (EMA weights present: {'ema' in state})")
+    try:
+        changed, added = resume_changes(json.loads(state["config"]), cfg, RESUME_CHANGEABLE, str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (or delete {path.parent})") from None
+    record_resume(Path(cfg.out), path, int(state["step"]), changed, added, unreadable)
     policy.load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])

@@ -199,25 +199,37 @@ def prepare_resume(config: Any, out_dir: Path, checkpoint_format: str) -> Path |
         )
     state.wait_for_everyone()
     if state.is_main_process:
-        for corrupt, problem in set_aside:
-            aside = _unused(corrupt.with_name(corrupt.name + ".corrupt"))
-            corrupt.rename(aside)
-            _warn(f"resume: {corrupt} cannot be read ({problem}); set aside as {aside.name}, resuming from "
-                  f"{path.name}")
-        for key, (old, new) in changed.items():
-            _warn(f"resume: {key} = {new!r} (the checkpoint had {old!r})")
-        if added:
-            _warn(f"resume: {', '.join(added)} not recorded by {path} (added to the recipe since): the values given "
-                  f"now apply")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(path), "iteration": iteration,
-                  "changed": {k: list(v) for k, v in changed.items()}, "added": added,
-                  "set_aside": {str(p): why for p, why in set_aside}}
-        with open(out_dir / RESUME_LOG, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        record_resume(out_dir, path, iteration, changed, added, set_aside)
         _trim_metrics(out_dir, iteration)
     state.wait_for_everyone()
     return path
+
+
+def record_resume(
+    out_dir: Path,
+    path: Path,
+    iteration: int,
+    changed: Mapping[str, tuple[Any, Any]],
+    added: Sequence[str],
+    set_aside: Sequence[tuple[Path, str]] = (),
+) -> None:
+    """Set the unreadable checkpoints ``set_aside`` aside (renamed ``*.corrupt``), warn about them and about every
+    changed or added field, and append the resume to ``<out_dir>/resume_log.jsonl`` (main process only)."""
+    for corrupt, problem in set_aside:
+        aside = _unused(corrupt.with_name(corrupt.name + ".corrupt"))
+        corrupt.rename(aside)
+        _warn(f"resume: {corrupt} cannot be read ({problem}); set aside as {aside.name}, resuming from {path.name}")
+    for key, (old, new) in changed.items():
+        _warn(f"resume: {key} = {new!r} (the checkpoint had {old!r})")
+    if added:
+        _warn(f"resume: {', '.join(added)} not recorded by {path} (added to the recipe since): the values given "
+              f"now apply")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(path), "iteration": iteration,
+              "changed": {k: list(v) for k, v in changed.items()}, "added": list(added),
+              "set_aside": {str(p): why for p, why in set_aside}}
+    with open(out_dir / RESUME_LOG, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 def _unused(path: Path) -> Path:
