@@ -5,6 +5,9 @@ Rules: ``mean`` over all scored images; ``mean_of_tag_means`` (GenEval: the mean
 The bootstrap resamples *prompts* (all samples of a prompt move together: they share the prompt),
 stratified by tag / category when the rule groups, so intervals respect the benchmark's design.
 NaN scores mean "not applicable" and are excluded everywhere (and counted).
+Every ``Metric`` records the bootstrap that made its interval (``n_boot`` draws, ``seed``), so a result can
+be reproduced; tests/test_intervals.py checks by simulation that the intervals cover a known mean at their
+level.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+#: The two-sided level of every interval (percentile bootstrap).
+CI_LEVEL = 0.95
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -22,6 +28,8 @@ class Metric:
     ci_high: float
     stderr: float
     n: int  # scored (non-NaN) images
+    n_boot: int = 0  # bootstrap draws behind ci_low / ci_high / stderr
+    seed: int | None = None  # the bootstrap's seed, where the caller records it
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -37,14 +45,16 @@ def _ratio(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return sums.sum(-1) / counts.sum(-1)
 
 
-def bootstrap_metric(value: float, boot: np.ndarray, n: int) -> Metric:
-    """A point value with the 2.5/97.5 percentiles and the standard deviation of its bootstrap draws (NaN
-    draws, from resamples where a stratum had no scored image, are left out)."""
+def bootstrap_metric(value: float, boot: np.ndarray, n: int, seed: int | None = None) -> Metric:
+    """A point value with the ``CI_LEVEL`` percentile interval (2.5 / 97.5) and the standard deviation of its
+    bootstrap draws (NaN draws, from resamples where a stratum had no scored image, are left out)."""
     finite = boot[np.isfinite(boot)]
     if finite.size == 0:
-        return Metric(value, np.nan, np.nan, np.nan, n)
-    lo, hi = np.percentile(finite, [2.5, 97.5])
-    return Metric(value, float(lo), float(hi), float(finite.std(ddof=1)) if finite.size > 1 else 0.0, n)
+        return Metric(value, np.nan, np.nan, np.nan, n, int(boot.size), seed)
+    tail = 100 * (1 - CI_LEVEL) / 2
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
+    stderr = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+    return Metric(value, float(lo), float(hi), stderr, n, int(boot.size), seed)
 
 
 def aggregate(
@@ -54,7 +64,12 @@ def aggregate(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Metric]:
-    """Per-sample rows (columns ``index``, ``score``, and ``group_by``) -> ``{"mean": ..., group: ...}``."""
+    """Per-sample rows (columns ``index``, ``score``, and ``group_by``) -> ``{"mean": ..., group: ...}``.
+
+    Each metric carries its ``CI_LEVEL`` bootstrap interval over prompts and records ``n_boot`` and ``seed``.
+    """
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be at least 2, got {n_boot}")
     rng = np.random.default_rng(seed)
     if rule == "mean":
         strata = {"mean": df}
@@ -79,12 +94,12 @@ def aggregate(
 
     out: dict[str, Metric] = {}
     if rule == "mean":
-        out["mean"] = bootstrap_metric(values["mean"], boots["mean"], counts["mean"])
+        out["mean"] = bootstrap_metric(values["mean"], boots["mean"], counts["mean"], seed)
         return out
     names = sorted(strata)
     headline = float(np.nanmean([values[g] for g in names]))
     headline_boot = np.nanmean(np.stack([boots[g] for g in names]), axis=0)
-    out["mean"] = bootstrap_metric(headline, headline_boot, sum(counts.values()))
+    out["mean"] = bootstrap_metric(headline, headline_boot, sum(counts.values()), seed)
     for g in names:
-        out[g] = bootstrap_metric(values[g], boots[g], counts[g])
+        out[g] = bootstrap_metric(values[g], boots[g], counts[g], seed)
     return out
