@@ -122,7 +122,7 @@ def test_expand_to_square_pads_with_the_background():
 def test_scores_match_the_rule_applied_to_the_model(parts):
     model, tokenizer, processor = parts
     images = _images(3, 24, 40)
-    batch = DeQAScorer(factory=lambda: parts, device="cpu").score(images, ["ignored"] * 3, [{}] * 3)
+    batch = DeQAScorer(factory=lambda: parts, device="cpu", jpeg_quality=None).score(images, ["ignored"] * 3, [{}] * 3)
     assert batch.scores.shape == (3,) and batch.scores.dtype == np.float64
     assert ((batch.scores >= 1) & (batch.scores <= 5)).all()
     probs = np.array([batch.details[f"p_{lv}"] for lv in LEVELS]).T
@@ -154,8 +154,9 @@ def test_jpeg_option_scores_the_jpeg_decoded_image(parts):
     arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     decoded = np.stack([np.asarray(jpeg_roundtrip(Image.fromarray(a), 75)) for a in arr])
     pre = torch.from_numpy(decoded).permute(0, 3, 1, 2).float() / 255
-    np.testing.assert_allclose(jpeg, DeQAScorer(factory=lambda: parts, device="cpu").score(pre).scores, atol=1e-6)
-    assert not np.allclose(jpeg, DeQAScorer(factory=lambda: parts, device="cpu").score(images).scores, atol=1e-6)
+    lossless = DeQAScorer(factory=lambda: parts, device="cpu", jpeg_quality=None)
+    np.testing.assert_allclose(jpeg, lossless.score(pre).scores, atol=1e-6)
+    assert not np.allclose(jpeg, lossless.score(images).scores, atol=1e-6)
 
 
 def test_remote_code_needs_the_explicit_flag():
@@ -167,3 +168,20 @@ def test_offline_loading_names_the_model_and_the_local_path_option(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match=r"zhiyuanyou/DeQA-Score-Mix3(.|\n)*model_id='/path/to/local/dir'"):
         DeQAScorer(trust_remote_code=True, device="cpu")
+
+
+def test_default_sends_jpeg_quality_75_as_the_release(parts):
+    """The release's DeQA reward client JPEG-encodes at PIL's default quality 75: that is our default too."""
+    images = _images(2)
+    default = DeQAScorer(factory=lambda: parts, device="cpu")
+    assert default.jpeg_quality == 75 and "jpeg=75" in default.version
+    q75 = DeQAScorer(factory=lambda: parts, device="cpu", jpeg_quality=75).score(images).scores
+    np.testing.assert_array_equal(default.score(images).scores, q75)
+    lossless = DeQAScorer(factory=lambda: parts, device="cpu", jpeg_quality=None).score(images).scores
+    assert not np.allclose(q75, lossless, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, 101, 7.5, "75", True])
+def test_bad_jpeg_quality_is_refused_naming_the_option(parts, bad):
+    with pytest.raises(ValueError, match="jpeg_quality must be an integer in 1..100 or None"):
+        DeQAScorer(factory=lambda: parts, device="cpu", jpeg_quality=bad)

@@ -164,9 +164,8 @@ def test_local_tiny_qwen25_vl_batch_equals_one_by_one(local_parts):
     assert full.details["text"] == one.details["text"]  # greedy + left padding: batching changes nothing
     assert all(isinstance(t, str) and t for t in full.details["text"])
     assert full.scores.shape == (3,) and full.scores.dtype == np.float64
-    # a random model writes no tag: every score is a reported failure, none is a silent 0
-    assert np.isnan(full.scores).all() and full.details["parse_ok"] == [False] * 3
-    assert math.isnan(nanmean(full.scores))
+    # a random model writes no tag: every score is a failure, scored 0 as the release does and reported in parse_ok
+    assert (full.scores == 0).all() and full.details["parse_ok"] == [False] * 3
     again = QwenVLJudge(factory=lambda: local_parts, device="cpu", dtype=torch.float32, batch_size=3,
                         max_new_tokens=6).score(images, PROMPTS)
     assert again.details["text"] == full.details["text"]
@@ -199,7 +198,7 @@ def test_local_backend_trims_prompts_and_parses_replies():
     judge = QwenVLJudge(factory=lambda: (model, TinyQwenProcessor(tokenizer)), device="cpu", dtype=torch.float32,
                         max_new_tokens=99)
     batch = judge.score(_images(3), PROMPTS)
-    np.testing.assert_array_equal(batch.scores, [4.0, np.nan, 2.0])
+    np.testing.assert_array_equal(batch.scores, [4.0, 0.0, 2.0])
     assert batch.details["parse_ok"] == [True, False, True]
     assert batch.details["quality"] == [3.0, None, None] and batch.details["instruction"] == [4.0, None, None]
     assert batch.details["text"] == replies  # the prompt is cut off, special tokens dropped
@@ -253,7 +252,7 @@ def test_injected_client_requests_and_parsing():
     judge = QwenVLJudge(client=client, served_model="judge-7b", max_new_tokens=512, strict=True)
     images = _images(3, size=20)
     batch = judge.score(images, PROMPTS)
-    np.testing.assert_array_equal(batch.scores, [5.0, 3.0, np.nan])
+    np.testing.assert_array_equal(batch.scores, [5.0, 3.0, 0.0])
     assert batch.details["parse_ok"] == [True, True, False]
     assert len(client.requests) == 3
     by_text = {r["messages"][0]["content"][1]["text"]: r for r in client.requests}
@@ -304,10 +303,42 @@ def test_openai_server_backend_over_http(fake_server):
     judge = QwenVLJudge(base_url=fake_server, api_key="secret", served_model="Qwen2.5-VL-7B-Instruct",
                         max_concurrency=2)
     batch = judge.score(_images(3), PROMPTS)
-    np.testing.assert_array_equal(batch.scores, [5.0, 3.0, np.nan])
+    np.testing.assert_array_equal(batch.scores, [5.0, 3.0, 0.0])
     assert batch.details["quality"] == [4.0, None, None]
     assert len(_ChatHandler.bodies) == 3
     for path, auth, body in _ChatHandler.bodies:
         assert path == "/v1/chat/completions" and auth == "Bearer secret"
         assert body["model"] == "Qwen2.5-VL-7B-Instruct" and body["temperature"] == 0 and body["max_tokens"] == 2048
         assert body["messages"][0]["content"][0]["type"] == "image_url"
+
+
+def test_parse_failure_policy_zero_by_default_nan_on_request_and_counted():
+    """The release scores an unparsable reply 0 (our default, for comparable means); "nan" leaves it out of means.
+    Either way results.json counts the failures (engine.parse_failures)."""
+    import pandas as pd
+
+    from flowopd.scorers.engine import engine_record
+
+    tokenizer = tiny_qwen_tokenizer()
+    replies = ["<OverallScore>4</OverallScore>", "no score here", "<OverallScore>9</OverallScore>"]
+
+    def judge(**kw):
+        model = ScriptedVLM(tokenizer, replies)
+        return QwenVLJudge(factory=lambda: (model, TinyQwenProcessor(tokenizer)), device="cpu", dtype=torch.float32,
+                           max_new_tokens=8, **kw)
+
+    zero, nan = judge(), judge(parse_failure="nan")
+    assert "parse_failure=0" in zero.version and "parse_failure=nan" in nan.version
+    z, n = zero.score(_images(3), PROMPTS), nan.score(_images(3), PROMPTS)
+    np.testing.assert_array_equal(z.scores, [4.0, 0.0, 0.0])
+    np.testing.assert_array_equal(n.scores, [4.0, np.nan, np.nan])
+    assert nanmean(n.scores) == 4.0 and z.details["parse_ok"] == n.details["parse_ok"] == [True, False, False]
+    for scorer, batch in ((zero, z), (nan, n)):
+        record = engine_record(scorer, pd.DataFrame(batch.rows()))
+        assert record["parse_failures"] == 2 and record["official"] is False
+
+
+@pytest.mark.parametrize("bad", ["zero", "NaN ", 1, None])
+def test_bad_parse_failure_is_refused_naming_the_option(bad):
+    with pytest.raises(ValueError, match="parse_failure must be one of"):
+        QwenVLJudge(client=object(), parse_failure=bad)

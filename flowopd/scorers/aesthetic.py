@@ -30,6 +30,7 @@ from flowopd.scorers.clip_common import (
     resolve_device,
     url_file,
 )
+from flowopd.scorers.engine import engine_fields, package_version
 
 CODE_VERSION = "1"
 DEFAULT_CLIP_ID = "openai/clip-vit-large-patch14"
@@ -63,6 +64,8 @@ class AestheticScorer:
     ``factory`` returns ``(clip, mlp)`` where ``clip`` is a ``CLIPModel`` or ``CLIPVisionModelWithProjection``;
     otherwise ``clip_id`` (hub id or local directory) and ``mlp_path`` (a local ``.pth``/``.safetensors``; default:
     the official file, downloaded from its pinned URL and checked by sha256) are loaded.
+    ``engine="official"`` scores with openai's ``clip`` package (ViT-L/14) and the same head instead (in this process
+    when installed, else through its server at ``official_url``; see flowopd.scorers.official).
     """
 
     name = "aesthetic"
@@ -79,7 +82,23 @@ class AestheticScorer:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 32,
         resize_backend: str = "pil",
+        engine: str = "port",
+        official_url: str | None = None,
     ) -> None:
+        from flowopd.scorers import official
+
+        official.check_engine(self.name, engine)
+        self._official = None
+        if engine == "official":
+            self._official = official.official_or_remote(
+                self.name, official_url,
+                lambda: official.AestheticPackage(
+                    mlp_path or url_file(MLP_URL, MLP_SHA256, MLP_FILENAME, what="aesthetic head", param="mlp_path"),
+                    device=device,
+                ),
+            )
+            self.version = self._official.version
+            return
         if factory is None:
             from transformers import CLIPVisionModelWithProjection
 
@@ -100,7 +119,11 @@ class AestheticScorer:
         self.image_size = int(getattr(config, "vision_config", config).image_size)
         injected = ";injected" if factory is not None else ""
         head = mlp_path or f"{MLP_FILENAME}@sha256:{MLP_SHA256[:12]}"
-        self.version = f"code={CODE_VERSION};clip={clip_id};head={head};resize={resize_backend}{injected}"
+        checkpoint = "injected" if factory is not None else f"{clip_id}+{head}"
+        self.version = f"code={CODE_VERSION};clip={clip_id};head={head};resize={resize_backend}{injected};" + engine_fields(
+            "flowopd-port", f"transformers-{package_version('transformers')}", checkpoint,
+            str(dtype).removeprefix("torch."), official=False,
+        )
 
     def score(
         self,
@@ -108,6 +131,8 @@ class AestheticScorer:
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> ScoreBatch:
+        if self._official is not None:
+            return self._official.score(images, prompts or [""] * len(images), metadata or [{}] * len(images))
         check_images(images)
         out = [self._score_batch(images[s]) for s in batches(len(images), self.batch_size)]
         return ScoreBatch(np.concatenate(out) if out else np.zeros(0))

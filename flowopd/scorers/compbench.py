@@ -46,6 +46,7 @@ from flowopd.scorers.clip_common import (
     resolve_device,
     text_embeddings,
 )
+from flowopd.scorers.engine import engine_fields, package_version
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "3d_spatial", "numeracy", "non_spatial", "complex")
 ATTRIBUTE_CATEGORIES = ("color", "shape", "texture")
@@ -400,9 +401,12 @@ class CompBenchScorer:
             "3d_spatial": f"{detector_name}+dpt",
             "complex": f"blip+{detector_name}+clip",
         }
+        # a port with substitutes (OWLv2 for UniDet, interpolated BLIP positions): never the official engine
         self.version = (
             f"t2i-compbench@{OFFICIAL_COMMIT[:7]}/{category}/{parts[category]}"
-            f"/labels={label_space}/nlp={self.parser.name}"
+            f"/labels={label_space}/nlp={self.parser.name};"
+            + engine_fields("flowopd-port", f"transformers-{package_version('transformers')}", parts[category],
+                            "fp32", official=False)
         )
 
     # ------------------------------------------------------------------------------------------- components

@@ -13,7 +13,8 @@ default this scorer runs in its own environment behind the scorer server; in-pro
 and ``trust_remote_code=True`` (never implied), or an injected ``factory``.
 
 Native scale; the ``/5`` reward normalisation lives in the reward adapter. The Flow-OPD pipeline JPEG-encodes
-images (PIL default quality 75) before sending them to the DeQA server: ``jpeg_quality=75`` reproduces that.
+images (PIL default quality 75) before sending them to the DeQA server (``deqa_score_remote`` in the release's
+``flow_grpo/rewards.py``): ``jpeg_quality=75`` is the default for that reason; ``None`` sends the lossless image.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import torch
 
 from flowopd.scorers.base import Scale, ScoreBatch, check_images, to_uint8_hwc
 from flowopd.scorers.clip_common import batches, from_pretrained, resolve_device
+from flowopd.scorers.engine import engine_fields, package_version
 
 CODE_VERSION = "1"
 DEFAULT_MODEL_ID = "zhiyuanyou/DeQA-Score-Mix3"
+DEFAULT_JPEG_QUALITY = 75  # the release's reward client: PIL's JPEG default quality
 LEVELS = ("excellent", "good", "fair", "poor", "bad")
 LEVEL_WEIGHTS = (5.0, 4.0, 3.0, 2.0, 1.0)
 IMAGE_TOKEN = "<|image|>"
@@ -140,8 +143,11 @@ class DeQAScorer:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         batch_size: int = 16,
-        jpeg_quality: int | None = None,
+        jpeg_quality: int | None = DEFAULT_JPEG_QUALITY,
     ) -> None:
+        if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
+                                         or not 1 <= jpeg_quality <= 100):
+            raise ValueError(f"DeQAScorer: jpeg_quality must be an integer in 1..100 or None, got {jpeg_quality!r}")
         self.device = resolve_device(device)
         # official: fp16 (on CUDA); CPU half matmuls are slow or missing, so fp32 there
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -164,7 +170,11 @@ class DeQAScorer:
         self.input_ids = torch.tensor(tokenize_with_image(PROMPT, tokenizer), dtype=torch.long)
         self.background = tuple(int(x * 255) for x in image_processor.image_mean)
         injected = ";injected" if factory is not None else ""
-        self.version = f"code={CODE_VERSION};model={model_id};jpeg={jpeg_quality}{injected}"
+        # our wrapper around the checkpoint's network (the official scorer.py is not run): a port
+        self.version = f"code={CODE_VERSION};model={model_id};jpeg={jpeg_quality}{injected};" + engine_fields(
+            "flowopd-port", f"transformers-{package_version('transformers')}",
+            "injected" if factory is not None else model_id, str(self.dtype).removeprefix("torch."), official=False,
+        )
 
     def score(
         self,

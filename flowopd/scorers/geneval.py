@@ -37,6 +37,7 @@ from flowopd.scorers.clip_common import (
     resolve_device,
     text_embeddings,
 )
+from flowopd.scorers.engine import engine_fields, package_version
 from flowopd.scorers.geneval_rules import COLORS, COUNTING_THRESHOLD, THRESHOLD, Detection, score_geneval
 
 DEFAULT_DETECTOR_ID = "facebook/mask2former-swin-small-coco-instance"
@@ -459,7 +460,12 @@ class GenEvalScorer:
                 color_desc = color_model_id
             self._color = ClipColorClassifier(clip_model, tokenizer, self.device, amp=color_amp)
         jpeg = "png" if self.jpeg_quality is None else f"jpeg{self.jpeg_quality}"
-        self.version = f"geneval-1;detector={detector_desc};color={color_desc};input={jpeg}"
+        # official only with every learned part official: mmdet 2.x's checkpoint *and* open_clip's colour model;
+        # our colour classifier is a transformers port (tests/parity/check_openclip.py), so never official here
+        engine = "mmdet" if detector == "mmdet" and detect_fn is None else "flowopd-port"
+        engine_version = package_version("mmdet") if engine == "mmdet" else f"transformers-{package_version('transformers')}"
+        self.version = f"geneval-1;detector={detector_desc};color={color_desc};input={jpeg};" + engine_fields(
+            engine, engine_version, f"{detector_desc}+{color_desc}".replace(";", ","), "fp32", official=False)
 
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]

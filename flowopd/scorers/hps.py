@@ -44,6 +44,7 @@ from flowopd.scorers.clip_common import (
     resolve_device,
     text_embeddings,
 )
+from flowopd.scorers.engine import engine_fields, package_version
 
 CODE_VERSION = "1"
 DEFAULT_REPO = "xswu/HPSv2"
@@ -56,6 +57,7 @@ OPEN_CLIP_VIT_H_14: dict[str, Any] = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
 }
 # open_clip options that change the network in ways transformers' CLIPModel cannot express
+PRECISIONS = ("auto", "fp32", "amp")
 _UNSUPPORTED = ("ls_init_value", "attentional_pool", "global_average_pool", "input_patchnorm", "timm_model_name",
                 "hf_model_name", "attn_pooler_queries", "pool_type", "no_ln_pre", "final_ln_after_pool")
 
@@ -198,6 +200,12 @@ class HPSScorer:
     ``factory`` returns ``(clip_model, tokenizer)``; otherwise ``model_id`` (a hub repo id holding
     ``HPS_FILES[hps_version]``, a local directory, or a local ``.pt``/``.safetensors`` file) is converted and
     ``tokenizer_id`` (CLIP BPE: hub id or a local directory with vocab.json + merges.txt) is loaded.
+
+    ``precision``: ``"auto"`` (default) is the release's: fp16 autocast on CUDA (hpsv2 builds with
+    ``precision="amp"`` and scores under ``torch.cuda.amp.autocast()``), fp32 on CPU; ``"fp32"`` or ``"amp"`` force one.
+    ``engine="official"`` scores with the ``hpsv2`` package instead (in this process when installed, else through
+    its server at ``official_url``; see flowopd.scorers.official); ``model_id`` is then a local checkpoint file or
+    the default (the package downloads it).
     """
 
     name = "hps"
@@ -215,11 +223,27 @@ class HPSScorer:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 32,
         antialias: bool = True,
+        precision: str = "auto",
+        engine: str = "port",
+        official_url: str | None = None,
     ) -> None:
+        from flowopd.scorers import official
+
+        official.check_engine(self.name, engine)
+        if precision not in PRECISIONS:
+            raise ValueError(f"HPSScorer: precision must be one of {PRECISIONS}, got {precision!r}")
         if hps_version not in HPS_FILES:
             raise ValueError(f"hps_version must be one of {sorted(HPS_FILES)}, got {hps_version!r}")
         if hps_version != "v2.1":
             warnings.warn(f"HPS {hps_version} selected; the Flow-OPD paper reports HPS v2.1", stacklevel=2)
+        self._official = None
+        if engine == "official":
+            checkpoint = None if model_id == DEFAULT_REPO else model_id
+            self._official = official.official_or_remote(
+                self.name, official_url, lambda: official.HPSPackage(checkpoint, hps_version)
+            )
+            self.version = self._official.version
+            return
         if factory is None:
             from transformers import CLIPTokenizer
 
@@ -232,6 +256,7 @@ class HPSScorer:
             model, tokenizer = factory()
         self.device = resolve_device(device)
         self.dtype = dtype
+        self.amp = precision == "amp" or (precision == "auto" and self.device.type == "cuda")
         self.model = model.eval().requires_grad_(False).to(device=self.device, dtype=dtype)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -239,14 +264,19 @@ class HPSScorer:
         self.image_size = int(model.config.vision_config.image_size)
         self.context_length = int(model.config.text_config.max_position_embeddings)
         injected = ";injected" if factory is not None else ""
+        checkpoint = "injected" if factory is not None else f"{model_id}:{HPS_FILES[hps_version]}"
         self.version = (
             f"code={CODE_VERSION};hps={hps_version};model={model_id}:{HPS_FILES[hps_version]};"
-            f"tokenizer={tokenizer_id};ftfy={_has_ftfy()};antialias={antialias}{injected}"
+            f"tokenizer={tokenizer_id};ftfy={_has_ftfy()};antialias={antialias}{injected};"
+            + engine_fields("flowopd-port", f"transformers-{package_version('transformers')}", checkpoint,
+                            "amp-fp16" if self.amp else str(dtype).removeprefix("torch."), official=False)
         )
 
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
     ) -> ScoreBatch:
+        if self._official is not None:
+            return self._official.score(images, prompts, metadata or [{}] * len(images))
         check_images(images)
         prompts = check_prompts(images, prompts)
         out = [self._score_batch(images[s], prompts[s]) for s in batches(len(images), self.batch_size)]
@@ -259,6 +289,7 @@ class HPSScorer:
             [open_clip_clean(p) for p in prompts], padding=True, truncation=True, max_length=self.context_length,
             return_tensors="pt",
         ).to(self.device)
-        image_embeds = image_embeddings(self.model, pixel_values.to(self.device, self.dtype))
-        text_embeds = text_embeddings(self.model, text["input_ids"], text.get("attention_mask"))
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            image_embeds = image_embeddings(self.model, pixel_values.to(self.device, self.dtype))
+            text_embeds = text_embeddings(self.model, text["input_ids"], text.get("attention_mask"))
         return paired_cosine(image_embeds, text_embeds).double().cpu().numpy()

@@ -35,6 +35,7 @@ from flowopd.scorers.clip_common import (
     load_weights_file,
     resolve_device,
 )
+from flowopd.scorers.engine import engine_fields, package_version
 
 CODE_VERSION = "1"
 DEFAULT_REPO = "THUDM/ImageReward"
@@ -161,6 +162,8 @@ class ImageRewardScorer:
 
     ``factory`` returns ``(ImageRewardModel, tokenizer)``; otherwise ``model_id`` (hub repo id holding
     ``ImageReward.pt``, a local directory, or a local ``.pt``/``.safetensors`` file) and ``tokenizer_id`` are loaded.
+    ``engine="official"`` scores with the ``image-reward`` package instead (in this process when installed, else
+    through its server at ``official_url``; see flowopd.scorers.official); ``med_config`` is then BLIP's config.
     """
 
     name = "imagereward"
@@ -178,7 +181,21 @@ class ImageRewardScorer:
         batch_size: int = 32,
         resize_backend: str = "pil",
         max_length: int = TEXT_MAX_LENGTH,
+        engine: str = "port",
+        official_url: str | None = None,
+        med_config: str | None = None,
     ) -> None:
+        from flowopd.scorers import official
+
+        official.check_engine(self.name, engine)
+        self._official = None
+        if engine == "official":
+            package_model = "ImageReward-v1.0" if model_id == DEFAULT_REPO else model_id
+            self._official = official.official_or_remote(
+                self.name, official_url, lambda: official.ImageRewardPackage(package_model, med_config, device)
+            )
+            self.version = self._official.version
+            return
         if factory is None:
             path = hub_file(model_id, CHECKPOINT_FILE, what="ImageReward-v1.0 checkpoint", param="model_id")
             model = load_imagereward(path)
@@ -194,14 +211,19 @@ class ImageRewardScorer:
         self.resize_backend = resize_backend
         self.max_length = max_length
         injected = ";injected" if factory is not None else ""
+        checkpoint = "injected" if factory is not None else f"{model_id}:{CHECKPOINT_FILE}"
         self.version = (
             f"code={CODE_VERSION};model={model_id}:{CHECKPOINT_FILE};tokenizer={tokenizer_id};"
-            f"max_length={max_length};resize={resize_backend}{injected}"
+            f"max_length={max_length};resize={resize_backend}{injected};"
+            + engine_fields("flowopd-port", f"transformers-{package_version('transformers')}", checkpoint,
+                            str(dtype).removeprefix("torch."), official=False)
         )
 
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
     ) -> ScoreBatch:
+        if self._official is not None:
+            return self._official.score(images, prompts, metadata or [{}] * len(images))
         check_images(images)
         prompts = check_prompts(images, prompts)
         out = [self._score_batch(images[s], prompts[s]) for s in batches(len(images), self.batch_size)]

@@ -5,10 +5,13 @@ Official (yifan123/flow_grpo ``flow_grpo/ocr.py``): PaddleOCR 2.x, English, no a
 without separator; the rule (``flowopd.scorers.ocr_rules``) takes the first double-quoted text of the prompt.
 
 Engines:
-- ``"rapidocr"`` (default here): rapidocr-onnxruntime, PP-OCRv4 detection + recognition ONNX models shipped
-  in the wheel (fully offline, no torch), configured with PaddleOCR 2.x's detection defaults;
-- ``"paddleocr"``: the official engine, imported lazily; both the 2.x API (``.ocr(img, cls=False)``) and the
-  3.x API (``.predict(img)``) are supported.
+- ``"auto"`` (default): ``"paddleocr"`` when PaddleOCR is installed and its English models are present (in the
+  ``*_model_dir`` options or PaddleOCR's own cache, ``~/.paddleocr/whl/``), ``"rapidocr"`` otherwise; the engine
+  chosen is recorded in ``version`` (``engine=...;official=...``) and so in results.json;
+- ``"rapidocr"``: rapidocr-onnxruntime, PP-OCRv4 detection + recognition ONNX models shipped in the wheel (fully
+  offline, no torch; Chinese+English recogniser), configured with PaddleOCR 2.x's detection defaults;
+- ``"paddleocr"``: the official engine (Flow-GRPO: ``paddleocr==2.9.1``, ``lang="en"``), imported lazily; both the
+  2.x API (``.ocr(img, cls=False)``) and the 3.x API (``.predict(img)``) are supported.
 
 Channel order: both engines read a numpy array as BGR (OpenCV's order). Flow-GRPO hands PaddleOCR the RGB
 array as is, so the official engine sees red and blue swapped; ``channel_order="rgb"`` (default) reproduces
@@ -17,6 +20,7 @@ that, ``"bgr"`` gives the engines their documented order. docs/scorers/geneval_o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
@@ -25,9 +29,11 @@ import numpy as np
 import torch
 
 from flowopd.scorers.base import Scale, ScoreBatch, check_images, to_uint8_hwc
+from flowopd.scorers.engine import engine_fields
 from flowopd.scorers.ocr_rules import MIN_CONFIDENCE, ocr_accuracy, target_text
 
-ENGINES = ("rapidocr", "paddleocr")
+ENGINES = ("auto", "rapidocr", "paddleocr")
+OFFICIAL_PADDLEOCR = "2.9.1"  # Flow-GRPO's README: pip install paddleocr==2.9.1
 
 # PaddleOCR 2.x's defaults (tools/infer/utility.py init_args, predict_det.py) given to RapidOCR, whose own
 # defaults differ (min-side 736 resize, box_thresh 0.5, unclip 1.6, dilation, mean/std 0.5).
@@ -125,6 +131,40 @@ def _build_paddleocr(device: str | None, options: Mapping[str, Any]) -> Any:
     return PaddleOCR(**{**base, **options})
 
 
+def paddleocr_model_dirs(options: Mapping[str, Any] | None = None, lang: str = "en") -> dict[str, str]:
+    """The det / rec / cls model directories PaddleOCR 2.x would load (the options' or its default cache's).
+
+    Raises ImportError when PaddleOCR 2.x is not installed.
+    """
+    options = dict(options or {})
+    if _package_version("paddleocr").split(".")[0] not in ("2", "not-installed"):
+        raise ImportError("paddleocr 3.x manages its models itself; engine='auto' looks for PaddleOCR 2.x")
+    from paddleocr import paddleocr as module
+    rec_lang, det_lang = module.parse_lang(options.get("lang", lang))
+    version = options.get("ocr_version", module.DEFAULT_OCR_MODEL_VERSION)
+    dirs = {}
+    for kind, kind_lang, default in (("det", det_lang, det_lang), ("rec", rec_lang, rec_lang), ("cls", "ch", "")):
+        config = module.get_model_config("OCR", version, kind, kind_lang)
+        base = os.path.join(module.BASE_DIR, "whl", kind, default) if default else os.path.join(module.BASE_DIR, "whl", kind)
+        dirs[kind], _ = module.confirm_model_dir_url(options.get(f"{kind}_model_dir"), base, config["url"])
+    return dirs
+
+
+def choose_engine(engine: str, options: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(engine, why) for ``engine`` ("auto" resolves to paddleocr when it can run offline, else rapidocr)."""
+    if engine != "auto":
+        return engine, "requested"
+    try:
+        dirs = paddleocr_model_dirs(options)
+    except ImportError as e:
+        return "rapidocr", f"paddleocr unavailable ({str(e).splitlines()[0][:80]})"
+    missing = [d for d in dirs.values() if not all(
+        os.path.isfile(os.path.join(d, f)) for f in ("inference.pdmodel", "inference.pdiparams"))]
+    if missing:
+        return "rapidocr", f"paddleocr models missing in {missing[0]}"
+    return "paddleocr", "paddleocr and its models present"
+
+
 def _is_gpu(device: str | None) -> bool:
     return device is not None and str(device).split(":")[0] in ("cuda", "gpu")
 
@@ -133,7 +173,8 @@ class OCRScorer:
     """OCR accuracy in [0, 1] per image (1 - clipped edit distance / target length), native scale 0-1.
 
     Args:
-        engine: ``"rapidocr"`` or ``"paddleocr"``.
+        engine: ``"auto"`` (paddleocr when installed with its models, else rapidocr), ``"rapidocr"`` or
+            ``"paddleocr"``.
         engine_factory: returns the engine object (a RapidOCR, or a PaddleOCR of either API) instead of
             building it; tests inject fakes that replay recorded outputs.
         channel_order: order of the array handed to the engine, ``"rgb"`` (as Flow-GRPO does) or ``"bgr"``.
@@ -147,7 +188,7 @@ class OCRScorer:
 
     def __init__(
         self,
-        engine: str = "rapidocr",
+        engine: str = "auto",
         engine_factory: Callable[[], Any] | None = None,
         channel_order: str = "rgb",
         device: str | torch.device | None = None,
@@ -157,21 +198,33 @@ class OCRScorer:
             raise ValueError(f"OCRScorer: engine must be one of {ENGINES}, got {engine!r}")
         if channel_order not in ("rgb", "bgr"):
             raise ValueError(f"OCRScorer: channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
-        self.engine_name = engine
         self.channel_order = channel_order
         device = None if device is None else str(device)
         if engine_factory is not None:
             self.engine = engine_factory()
-        elif engine == "rapidocr":
-            self.engine = _build_rapidocr(device, engine_options or {})
+            if engine == "auto":  # an injected engine: its API says which it is
+                engine = "paddleocr" if hasattr(self.engine, "ocr") or hasattr(self.engine, "predict") else "rapidocr"
+            self.engine_reason = "factory"
         else:
-            self.engine = _build_paddleocr(device, engine_options or {})
+            engine, self.engine_reason = choose_engine(engine, engine_options)
+        self.engine_name = engine
+        if engine_factory is None:
+            build = _build_rapidocr if engine == "rapidocr" else _build_paddleocr
+            self.engine = build(device, engine_options or {})
         if engine == "rapidocr":
-            package = f"rapidocr-onnxruntime {_package_version('rapidocr-onnxruntime')}"
+            distribution, engine_version = "rapidocr-onnxruntime", _package_version("rapidocr-onnxruntime")
+            checkpoint = "PP-OCRv4 ch det+rec (ONNX, in the wheel)"
         else:
-            package = f"paddleocr {_package_version('paddleocr')} paddlepaddle {_package_version('paddlepaddle')}"
+            distribution, engine_version = "paddleocr", _package_version("paddleocr")
+            checkpoint = f"lang={(engine_options or {}).get('lang', 'en')}"
+        package = f"{distribution} {engine_version}" + (
+            f" paddlepaddle {_package_version('paddlepaddle')}" if engine == "paddleocr" else "")
         source = "factory" if engine_factory is not None else "default"
-        self.version = f"ocr-1;engine={engine};{package};{source};input={channel_order}"
+        official = (engine == "paddleocr" and engine_version == OFFICIAL_PADDLEOCR and engine_factory is None
+                    and (engine_options or {}).get("lang", "en") == "en")
+        self.version = f"ocr-1;engine={engine};{package};{source};input={channel_order};" + engine_fields(
+            distribution, engine_version, "injected" if engine_factory is not None else checkpoint,
+            "fp32", official)
 
     def read(self, rgb: np.ndarray) -> list[Piece]:
         """Recognised (text, confidence) pieces of one uint8 RGB (H, W, 3) image, in the engine's order."""

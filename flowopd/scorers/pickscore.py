@@ -27,6 +27,7 @@ from flowopd.scorers.clip_common import (
     resolve_device,
     text_embeddings,
 )
+from flowopd.scorers.engine import engine_fields, package_version
 
 CODE_VERSION = "1"
 DEFAULT_MODEL_ID = "yuvalkirstain/PickScore_v1"
@@ -81,7 +82,12 @@ class PickScoreScorer:
         self.max_length = max_length
         self.image_size = int(model.config.vision_config.image_size)
         injected = ";injected" if factory is not None else ""
-        self.version = f"code={CODE_VERSION};model={model_id};processor={processor_id};resize={resize_backend}{injected}"
+        checkpoint = "injected" if factory is not None else model_id
+        self.version = (
+            f"code={CODE_VERSION};model={model_id};processor={processor_id};resize={resize_backend}{injected};"
+            + engine_fields("flowopd-port", f"transformers-{package_version('transformers')}", checkpoint,
+                            str(dtype).removeprefix("torch."), official=False)
+        )
 
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None

@@ -9,9 +9,13 @@ line "**Be extremely strict.**" (``strict=True``).
 
 Differences from the release, on purpose: greedy decoding is explicit (``do_sample=False``; the release relies on
 the checkpoint's generation config, temperature 0 for the server); batched generation uses left padding (the
-release pads on the processor's default side); a reply without a parsable score in 1-5 gives NaN with
-``parse_ok=False`` (the release gives 0, which biases means), and NaN is excluded from aggregates; scores stay on
-the native 1-5 scale (the release divides by 5 for its reward).
+release pads on the processor's default side); scores stay on the native 1-5 scale (the release divides by 5
+for its reward).
+
+Parse failures (a reply without a score in 1-5): ``parse_failure="0"`` (default) scores them 0, as the release
+does, so means are comparable with its numbers; ``parse_failure="nan"`` scores them NaN, which aggregates leave
+out (a 0 pulls a 1-5 mean down). Either way every sample carries ``parse_ok``, and ``results.json`` records the
+number of failures of each benchmark (``engine.parse_failures``).
 
 Backends: local transformers (``factory`` or ``model_id``) or an OpenAI-compatible server (``base_url``; the
 ``openai`` package is imported only then; or an injected ``client``).
@@ -33,6 +37,7 @@ import torch
 
 from flowopd.scorers.base import Scale, ScoreBatch, check_images, to_uint8_hwc
 from flowopd.scorers.clip_common import batches, check_prompts, from_pretrained, resolve_device
+from flowopd.scorers.engine import engine_fields, package_version
 
 CODE_VERSION = "1"
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -81,6 +86,7 @@ Please first provide a detailed analysis of all three dimensions within the <Tho
 OVERALL_TASK_STRICT = OVERALL_TASK.replace("5 = Excellent\n\nPlease", "5 = Excellent\n**Be extremely strict.**\nPlease")
 
 MODES = {"overall": "OverallScore", "quality": "Score"}
+PARSE_FAILURES = {"0": 0.0, "nan": math.nan}  # what an unparsable reply scores; "0" is the release's
 
 
 def build_task(prompt: str, *, mode: str = "overall", strict: bool = False) -> str:
@@ -201,7 +207,8 @@ class QwenVLJudge:
     Backend: ``base_url`` or ``client`` -> OpenAI-compatible server (``served_model`` names the model there,
     default ``model_id``); else local transformers, from ``factory`` (returns ``(model, processor)``) or ``model_id``
     (hub id or local directory). Details per image: ``parse_ok``, the judge's ``text``, and in overall mode the
-    ``quality`` and ``instruction`` sub-scores (None when missing).
+    ``quality`` and ``instruction`` sub-scores (None when missing). ``parse_failure`` ("0" or "nan") is the score of
+    a reply without a usable score (see the module docstring).
     """
 
     name = "qwenvl"
@@ -225,8 +232,12 @@ class QwenVLJudge:
         batch_size: int = 8,
         max_new_tokens: int = 2048,
         generation_kwargs: Mapping[str, Any] | None = None,
+        parse_failure: str = "0",
     ) -> None:
         build_task("", mode=mode)  # validates mode
+        if str(parse_failure) not in PARSE_FAILURES:
+            raise ValueError(f"QwenVLJudge: parse_failure must be one of {sorted(PARSE_FAILURES)}, got {parse_failure!r}")
+        self.parse_failure = str(parse_failure)
         self.mode, self.strict, self.batch_size = mode, strict, batch_size
         if base_url is not None or client is not None:
             self.backend: Any = OpenAIJudgeBackend(
@@ -253,7 +264,11 @@ class QwenVLJudge:
         template = build_task("{prompt}", mode=mode, strict=strict)
         prompt_hash = hashlib.sha256(template.encode()).hexdigest()[:12]
         self.version = (
-            f"code={CODE_VERSION};{where};mode={mode};strict={strict};prompt={prompt_hash};max_new_tokens={max_new_tokens}"
+            f"code={CODE_VERSION};{where};mode={mode};strict={strict};prompt={prompt_hash};max_new_tokens={max_new_tokens};"
+            f"parse_failure={self.parse_failure};"
+            + engine_fields("flowopd-port", f"transformers-{package_version('transformers')}", where.replace(";", ","),
+                            "server" if base_url is not None or client is not None else str(dtype).removeprefix("torch."),
+                            official=False)
         )
 
     def score(
@@ -271,4 +286,5 @@ class QwenVLJudge:
         parsed = [parse_judgement(text, self.mode) for text in replies]
         details: dict[str, list[Any]] = {key: [p[key] for p in parsed] for key in parsed[0] if key != "score"} if parsed else {}
         details["text"] = replies
-        return ScoreBatch(np.array([p["score"] for p in parsed], dtype=np.float64), details)
+        failed = PARSE_FAILURES[self.parse_failure]
+        return ScoreBatch(np.array([p["score"] if p["parse_ok"] else failed for p in parsed], dtype=np.float64), details)
