@@ -6,7 +6,8 @@ form ``<module>.lora_A.<adapter>.weight`` is accepted too). A module's weight up
 ``Delta W = scaling * B @ A`` with ``scaling = lora_alpha / r`` (64 / 32 = 2 for the paper's adapters).
 
 Two families:
-- :func:`factor_mean`: the public code's merge (``scripts/merge.py``): average ``A`` and ``B`` separately.
+- :func:`factor_mean` / :func:`factor_sum`: the public code's merge (Flow-OPD ``scripts/merge.py``, modes
+  ``average``, ``weighted``, ``sum``): every tensor combined element-wise, ``A`` and ``B`` separately.
   ``mean(B) @ mean(A)`` is not ``mean(B @ A)``; kept for parity.
 - delta merges: :func:`delta_weights` -> :func:`merge_deltas` (linear/task arithmetic, TIES, DARE, via
   ``peft.utils.merge_utils``) -> :func:`deltas_to_lora` (truncated SVD back to LoRA factors).
@@ -40,6 +41,16 @@ def factor_mean(adapters: Sequence[Adapter], weights: Sequence[float] | None = N
         key: sum(wi * a[key].float() for wi, a in zip(w.tolist(), adapters)).to(adapters[0][key].dtype)
         for key in adapters[0]
     }
+
+
+def factor_sum(adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
+    """Element-wise sum of every tensor of the adapters, ``A`` and ``B`` separately (the public ``sum`` mode).
+
+    ``(sum B)(sum A)`` holds every cross term ``B_i A_j``: n identical adapters give ``n^2 B A``. Summed in
+    float32 and returned in each tensor's own dtype.
+    """
+    _check_same_keys(adapters)
+    return {key: sum(a[key].float() for a in adapters).to(adapters[0][key].dtype) for key in adapters[0]}
 
 
 def delta_weights(adapter: Adapter, scaling: float | Mapping[str, float]) -> dict[str, torch.Tensor]:

@@ -5,9 +5,15 @@
 
 Adapters are peft directories or ``mini:NAME``. Methods:
 
-- ``factor-mean``: the public code's merge (``scripts/merge.py``): the (weighted) mean of the ``A`` factors and
-  of the ``B`` factors separately; the adapters must share rank and alpha. ``mean(B) mean(A)`` is not the mean
-  of the updates ``B A``: kept for parity.
+- ``average``, ``weighted``, ``sum``: the public code's merge modes (Flow-OPD ``scripts/merge.py --merge_mode``):
+  every tensor of the adapters combined element-wise, the ``A`` factors and the ``B`` factors separately -
+  ``average`` the mean, ``weighted`` the mean with ``--weights`` normalised to sum 1, ``sum`` the sum (which
+  scales an update ``B A`` by n^2 for n equal adapters: a warning says so). At least two adapters of one rank
+  and alpha; the adapter config is the first adapter's. ``mean(B) mean(A)`` is not the mean of the updates
+  ``B A``: kept for parity. Ours combines in float32 and stores each tensor in its own dtype, where the public
+  script computes in the adapters' dtype: identical for float32 adapters (the public ones), within the last
+  bit for bf16/fp16 ones.
+- ``factor-mean``: ``average`` without weights, ``weighted`` with them (one adapter allowed).
 - ``linear`` (task arithmetic), ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: merges of the
   weight updates ``Delta W = (alpha / r) B A`` through peft's ``merge_utils`` (flowopd.train.merge), brought
   back to LoRA factors by a truncated SVD of rank ``--rank`` (default: the sum of the adapters' ranks, which
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -31,9 +38,11 @@ from typing import Any
 
 import torch
 
-from flowopd.train.merge import delta_weights, deltas_to_lora, factor_mean, merge_deltas
+from flowopd.train.merge import delta_weights, deltas_to_lora, factor_mean, factor_sum, merge_deltas
 
-METHODS = ("factor-mean", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+#: the public script's modes (element-wise on the factors, like factor-mean)
+PUBLIC_METHODS = ("average", "weighted", "sum")
+METHODS = ("factor-mean", *PUBLIC_METHODS, "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _CONFIG, _WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -95,11 +104,24 @@ def merge_adapters(
     configs, states = [c for c, _ in read], [s for _, s in read]
     base = common_base(checkpoints, configs)
     out = dict(configs[0], base_model_name_or_path=base)
-    if method == "factor-mean":
+    if method in PUBLIC_METHODS:
+        if len(checkpoints) < 2:
+            raise ValueError(f"merge --method {method}: the public merge needs at least 2 adapters, got {len(checkpoints)}")
+        if method == "weighted" and weights is None:
+            raise ValueError("merge --method weighted needs --weights (one per adapter; normalised to sum 1)")
+        if method != "weighted" and weights is not None:
+            raise ValueError(f"merge --method {method} takes no --weights (use --method weighted)")
+    if method in ("factor-mean", *PUBLIC_METHODS):
         shapes = {(c["r"], c["lora_alpha"], bool(c.get("use_rslora"))) for c in configs}
         if len(shapes) > 1:
-            raise ValueError(f"factor-mean averages the factors: the adapters need one rank and alpha, got "
+            raise ValueError(f"{method} combines the factors: the adapters need one rank and alpha, got "
                              f"(r, alpha, rslora) = {sorted(shapes)}; use a delta merge (linear, ties ...)")
+        if method == "sum":
+            n = len(states)
+            logging.getLogger(__name__).warning(
+                f"merge --method sum adds the factors: n = {n} equal adapters would give {n * n} x their update B A "
+                f"(use average or weighted for a mean)")
+            return out, factor_sum(states)
         return out, factor_mean(states, weights)
     deltas = [delta_weights(s, lora_scaling(c)) for s, c in zip(states, configs)]
     merged = merge_deltas(deltas, method, weights, density, seed)
