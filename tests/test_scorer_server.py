@@ -10,7 +10,6 @@ import base64
 import inspect
 import io
 import json
-import logging
 import math
 import os
 import selectors
@@ -34,17 +33,14 @@ from flowopd.scorers import SCORERS, Scorer
 from flowopd.scorers.client import RemoteScorer, RemoteScorerError, ScorerServerUnreachable
 from flowopd.scorers.envs import SCORER_ENVS, serve_session, server_command
 from flowopd.scorers.server import (
-    decode_batch,
-    decode_png,
-    encode_batch,
-    encode_png,
+    ServerConfigError,
     is_loopback,
     main,
     make_server,
     parse_option,
     parse_registration,
-    quantise_uint8,
 )
+from flowopd.scorers.wire import decode_batch, decode_png, encode_batch, encode_png, quantise_uint8
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -139,7 +135,8 @@ def _png_b64(arr: np.ndarray, mode: str | None = None) -> str:
 
 def _post(url: str, body: Any) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/score", data=data, method="POST")
+    req = urllib.request.Request(url + "/score", data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -326,17 +323,13 @@ def test_cli_option_parsing_and_unknown_scorer(capsys):
     assert "unknown scorer 'no-such-scorer'" in capsys.readouterr().err
 
 
-def test_binding_beyond_loopback_warns(caplog):
+def test_binding_beyond_loopback_needs_a_token():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10") and not is_loopback("example.org")
-    with caplog.at_level(logging.WARNING, logger="flowopd.scorers.server"):
-        srv = make_server(BrightnessScorer(), host="0.0.0.0", port=0)
-        srv.server_close()
-    assert "no authentication" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="flowopd.scorers.server"):
-        caplog.clear()
-        make_server(BrightnessScorer(), port=0).server_close()
-    assert caplog.text == ""
+    with pytest.raises(ServerConfigError, match="refusing to serve on 0.0.0.0, beyond loopback, without a token"):
+        make_server(BrightnessScorer(), host="0.0.0.0", port=0)
+    make_server(BrightnessScorer(), host="0.0.0.0", port=0, token="x" * 16).server_close()
+    make_server(BrightnessScorer(), port=0).server_close()
 
 
 class _FakeSession:

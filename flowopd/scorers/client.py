@@ -3,13 +3,19 @@
 Used wherever a scorer is (benchmark column, GRPO reward, OPD router): ``RemoteScorer("http://127.0.0.1:8765")``
 has the served scorer's ``name``, ``version``, ``higher_is_better`` and ``scale`` (read from ``GET /info``) and a
 ``score(images, prompts, metadata) -> ScoreBatch`` that splits batches to the server's ``max_batch`` and
-request-size limit. Images are sent as 8-bit PNGs: the served scorer sees ``quantise_uint8(images)``, exactly
-what the image cache stores (see the server module's docstring for the wire format).
+request limits (images, bytes, pixels). Images are sent as 8-bit PNGs: the served scorer sees
+``quantise_uint8(images)``, exactly what the image cache stores (the wire format: ``flowopd.scorers.wire``).
+The token a server may require is read from ``FLOWOPD_SCORER_TOKEN`` unless given; a busy server (503) and a
+reset connection are retried with exponential backoff, a bounded number of times (scoring is a pure function
+of the images, so a resent request gives the same scores).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import random
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 
 from flowopd.scorers.base import Scale, ScoreBatch, to_uint8_hwc
-from flowopd.scorers.server import WIRE_VERSION, decode_batch, encode_png
+from flowopd.scorers.wire import TOKEN_ENV, WIRE_VERSION, decode_batch, encode_png
 
 # Bytes of JSON around each image (quotes, comma) and per request (keys, prompts excluded): for request sizing.
 _PER_IMAGE_OVERHEAD = 4
@@ -49,6 +55,9 @@ class RemoteScorer:
             (the server may still be loading its model); 0 fails at once.
         expected_name: if given, the served scorer must have this name (guards against a server on the wrong
             port); also used in the "start it with" hint when the server is down.
+        token: the server's token (sent as ``Authorization: Bearer``); default: ``$FLOWOPD_SCORER_TOKEN``, if set.
+        retries: how many times one request is resent after a 503 (server busy) or a reset connection, with
+            exponential backoff (0.1 s doubling to 5 s, jittered; a 503's ``Retry-After`` is honoured).
     """
 
     def __init__(
@@ -57,10 +66,19 @@ class RemoteScorer:
         timeout: float = 600.0,
         startup_wait: float = 60.0,
         expected_name: str | None = None,
+        token: str | None = None,
+        retries: int = 5,
     ) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"RemoteScorer: url must look like http://HOST:PORT, got {url!r}")
+        for name, value, low in (("timeout", timeout, 1e-9), ("startup_wait", startup_wait, 0), ("retries", retries, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+                raise ValueError(f"RemoteScorer: {name} must be a number >= {low:g}, got {value!r}")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.startup_wait = startup_wait
+        self.retries = int(retries)
+        self._token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         self._hint_name = expected_name or "SCORER"
         info = self._request("GET", "/info", retry_for=startup_wait)
         if info.get("wire_version") != WIRE_VERSION:
@@ -78,6 +96,8 @@ class RemoteScorer:
         self.scale = Scale(float(info["scale"]["low"]), float(info["scale"]["high"]))
         self.max_batch: int = int(info["max_batch"])
         self.max_request_bytes: int = int(info["max_request_bytes"])
+        self.max_side: int | None = info.get("max_side")  # absent on servers older than the limits
+        self.max_request_pixels: int | None = info.get("max_request_pixels")
         self._hint_name = self.name
 
     def __repr__(self) -> str:
@@ -97,24 +117,39 @@ class RemoteScorer:
             f"[{error}{waited_note}]"
         )
 
+    def _backoff(self, attempt: int, retry_after: str | None = None) -> None:
+        delay = min(0.1 * 2 ** (attempt - 1), 5.0) * random.uniform(0.5, 1.5)
+        if retry_after and retry_after.isdigit():
+            delay = max(delay, min(float(retry_after), 30.0))
+        time.sleep(delay)
+
     def _request(self, method: str, path: str, payload: bytes | None = None, retry_for: float = 0.0) -> Any:
-        """One JSON request; retries while the connection is refused, for at most ``retry_for`` seconds."""
+        """One JSON request. Retries while the connection is refused, for at most ``retry_for`` seconds, and
+        after a 503 or a reset connection, at most ``self.retries`` times."""
         start = time.monotonic()
         deadline = start + retry_for
-        delay = 0.05
+        delay, attempt = 0.05, 0
         while True:
             req = urllib.request.Request(self.url + path, data=payload, method=method)
             if payload is not None:
                 req.add_header("Content-Type", "application/json")
+            if self._token:
+                req.add_header("Authorization", f"Bearer {self._token}")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     data = resp.read()
                 break
             except urllib.error.HTTPError as e:
+                if e.code == 503 and attempt < self.retries:
+                    attempt += 1
+                    retry_after = e.headers.get("Retry-After")
+                    e.close()
+                    self._backoff(attempt, retry_after)
+                    continue
                 raise self._http_error(e) from None
-            except OSError as e:  # URLError wraps most socket errors in .reason; some arrive bare
+            except (OSError, http.client.HTTPException) as e:  # URLError wraps most socket errors in .reason
                 reason = e.reason if isinstance(e, urllib.error.URLError) else e
-                # Only a refused connection is certainly "not started yet" and safe to resend.
+                # A refused connection is certainly "not started yet" and safe to resend.
                 if isinstance(reason, ConnectionRefusedError) and time.monotonic() + delay <= deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)
@@ -124,10 +159,15 @@ class RemoteScorer:
                         f"scorer server at {self.url} did not answer {method} {path} within {self.timeout} s; "
                         "pass a larger RemoteScorer(timeout=...) or send smaller batches"
                     ) from e
-                if isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError):
+                dropped = isinstance(reason, (ConnectionError, http.client.HTTPException))
+                if dropped and not isinstance(reason, ConnectionRefusedError):
+                    if attempt < self.retries:
+                        attempt += 1
+                        self._backoff(attempt)
+                        continue
                     raise RemoteScorerError(
-                        f"scorer server at {self.url} dropped the connection during {method} {path} ({reason}); "
-                        "did it crash? see its log"
+                        f"scorer server at {self.url} dropped the connection during {method} {path} "
+                        f"{attempt + 1} times ({type(reason).__name__}: {reason}); did it crash? see its log"
                     ) from e
                 raise self._unreachable(reason, time.monotonic() - start) from e
         try:
@@ -148,9 +188,12 @@ class RemoteScorer:
     # -- scoring ---------------------------------------------------------------------------------------------
 
     def _chunks(
-        self, pngs: Sequence[str], prompts: Sequence[str], metadata: Sequence[str]
+        self, pngs: Sequence[str], prompts: Sequence[str], metadata: Sequence[str], pixels: int
     ) -> Iterator[slice]:
-        """Consecutive slices within both ``max_batch`` and ``max_request_bytes``."""
+        """Consecutive slices within ``max_batch``, ``max_request_bytes`` and ``max_request_pixels``."""
+        per_request = self.max_batch
+        if self.max_request_pixels:
+            per_request = min(per_request, self.max_request_pixels // pixels)
         start, size = 0, _REQUEST_OVERHEAD
         for i in range(len(pngs)):
             item = len(pngs[i]) + len(prompts[i]) + len(metadata[i]) + 3 * _PER_IMAGE_OVERHEAD
@@ -159,7 +202,7 @@ class RemoteScorer:
                     f"image {i} alone ({item} bytes encoded) exceeds the server's max_request_bytes="
                     f"{self.max_request_bytes}; restart the server with a larger --max-request-bytes"
                 )
-            if i - start == self.max_batch or size + item > self.max_request_bytes:
+            if i - start == per_request or size + item > self.max_request_bytes:
                 yield slice(start, i)
                 start, size = i, _REQUEST_OVERHEAD
             size += item
@@ -176,6 +219,14 @@ class RemoteScorer:
             raise ValueError(f"got {n} images, {len(prompts)} prompts and {len(metadata)} metadata rows")
         if n == 0:
             return ScoreBatch(np.zeros(0))
+        height, width = arrays.shape[1:3]
+        if self.max_side and max(height, width) > self.max_side:
+            raise RemoteScorerError(f"images of {width}x{height} exceed the server's max_side={self.max_side}; "
+                                    "resize them or restart the server with a larger --max-side")
+        if self.max_request_pixels and height * width > self.max_request_pixels:
+            raise RemoteScorerError(f"one {width}x{height} image exceeds the server's max_request_pixels="
+                                    f"{self.max_request_pixels}; restart the server with a larger "
+                                    "--max-request-pixels")
         pngs = [encode_png(a) for a in arrays]
         prompt_json = [json.dumps(p) for p in prompts]
         meta_json = []
@@ -185,7 +236,7 @@ class RemoteScorer:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"metadata[{i}] is not JSON-serialisable ({e}): {m!r}") from e
         batches = []
-        for part in self._chunks(pngs, prompt_json, meta_json):
+        for part in self._chunks(pngs, prompt_json, meta_json, height * width):
             body = (
                 '{"images": ["' + '", "'.join(pngs[part]) + '"], '
                 '"prompts": [' + ", ".join(prompt_json[part]) + "], "

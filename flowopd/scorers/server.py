@@ -1,38 +1,33 @@
-"""Serve one registered scorer over a small local HTTP service (ARCHITECTURE.md, "Isolation of scorer environments").
+"""Serve one registered scorer over a small HTTP service (ARCHITECTURE.md, "Isolation of scorer environments").
 
 Scorers whose official stacks conflict with ours (DeQA's old transformers with remote code, GenEval's mmdet,
-PaddleOCR) run in their own Python environment behind this server; ``flowopd.scorers.client.
-RemoteScorer`` talks to it and implements the same ``Scorer`` protocol, so the harness and the trainers
-cannot tell the difference.
+PaddleOCR) run in their own Python environment behind this server; ``flowopd.scorers.client.RemoteScorer``
+talks to it and implements the same ``Scorer`` protocol, so the harness and the trainers cannot tell the
+difference. The wire format (JSON and PNG, never pickle) lives in ``flowopd.scorers.wire``.
 
-Wire format (version 1), safe by construction - JSON and PNG only, never pickle:
+Fit to be left running (docs/scorers/server.md):
 
-- ``GET /info``   -> ``{"name", "version", "higher_is_better", "scale": {"low", "high"}, "max_batch",
-  "max_request_bytes", "wire_version"}``
-- ``GET /health`` -> ``{"status": "ok", "scorer", "requests", "images"}``
-- ``POST /score`` with ``{"images": [base64 PNG, ...], "prompts": [str, ...], "metadata": [object, ...]}``
-  -> ``{"scores": [float | null, ...], "details": {name: [value, ...]}, "nonfinite": {name: {index: "nan"}}}``;
-  a NaN score travels as ``null`` and +-inf as the strings ``"inf"`` / ``"-inf"``; a non-finite detail float
-  as ``null`` plus its entry in ``nonfinite``, so that every value comes back as it left.
-- Errors are JSON ``{"error": message}``: 400 for a malformed payload (not JSON, bad base64, not a PNG, not
-  8-bit RGB, sizes that differ), 413 for too many images or too many bytes, 500 for an error raised inside
-  the scorer. The server keeps serving after every one of them.
-
-Images travel as lossless 8-bit RGB PNGs, so the scorer sees exactly ``quantise_uint8(images)``: the same
-8-bit quantisation as the image cache. In-process scores computed on the quantised images match the served
-scores exactly.
+- a token (``Authorization: Bearer ...``) is required whenever one is set, and one must be set to bind beyond
+  loopback - the server refuses to start otherwise; the ``Host`` header must name this server (DNS rebinding)
+  and ``POST /score`` must be ``application/json``;
+- limits on body size, batch, image side and pixels per request are checked before anything is decoded (the
+  body size before it is read, the sizes on the PNG headers);
+- memory is bounded under any number of clients: connections wait in a bounded queue (beyond it: 503 with a
+  JSON error) and a fixed pool of workers reads, decodes and answers them; scoring itself is serialised on the
+  model (one lock), so at most ``workers`` decoded requests exist at a time;
+- the listen backlog (default 128) holds a burst of many clients, and every malformed request - bad JSON,
+  JSON nested too deep, wrong types, bad base64 or PNG - gets a 4xx JSON answer; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import io
+import hmac
 import ipaddress
 import json
 import logging
-import math
+import os
+import queue
 import signal
 import socket
 import sys
@@ -40,186 +35,40 @@ import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
-from flowopd.scorers.base import ScoreBatch, Scorer, to_uint8_hwc
+from flowopd.errors import CLIParser, positive_int, run_cli
+from flowopd.scorers.base import ScoreBatch, Scorer
+from flowopd.scorers.wire import (
+    MIN_TOKEN_LENGTH,
+    TOKEN_ENV,
+    WIRE_VERSION,
+    Limits,
+    PayloadError,
+    encode_batch,
+    parse_score_request,
+)
 
 logger = logging.getLogger("flowopd.scorers.server")
 
-WIRE_VERSION = 1
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-DEFAULT_MAX_BATCH = 64
-# 64 PNGs of 1024x1024 noise, base64-encoded, fit comfortably; real generations compress much better.
-DEFAULT_MAX_REQUEST_BYTES = 512 * 2**20
-# Decompression-bomb guard: a 20-byte PNG header may claim any size; refuse before decoding pixels.
-MAX_IMAGE_PIXELS = 4096 * 4096
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# A refused (too large) body is read and dropped up to this many bytes, then the connection is closed.
-MAX_DISCARD_BYTES = 1024 * 2**20
+DEFAULT_WORKERS = 2
+DEFAULT_QUEUE_SIZE = 64
+DEFAULT_BACKLOG = 128
+# A refused body is read and dropped up to this many bytes (so the client reads the answer, not a reset).
+MAX_DISCARD_BYTES = 256 * 2**20
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-class PayloadError(ValueError):
-    """A request the server refuses; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
-        super().__init__(message)
-        self.status = status
+class ServerConfigError(ValueError):
+    """The server refuses to start with these settings (e.g. beyond loopback without a token)."""
 
 
 class BindError(OSError):
     """The server could not bind its address (port in use, address not on this machine)."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# wire format: images <-> base64 PNG, scores <-> JSON
-
-
-def quantise_uint8(images: torch.Tensor) -> torch.Tensor:
-    """The float32 (N, 3, H, W) images a served scorer sees: 8-bit quantised exactly as the image cache does."""
-    return uint8_to_float(to_uint8_hwc(images))
-
-
-def uint8_to_float(arr: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]; the inverse of ``to_uint8_hwc`` on 8-bit images."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div(255.0)
-
-
-def encode_png(image: np.ndarray) -> str:
-    """One (H, W, 3) uint8 RGB image -> base64 text of a lossless PNG."""
-    buf = io.BytesIO()
-    # compress_level=1: PNG is lossless at every level; the fastest one keeps the client cheap.
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def decode_png(text: Any, index: int) -> np.ndarray:
-    """base64 PNG text -> (H, W, 3) uint8; a clear ``PayloadError`` naming image ``index`` otherwise."""
-    if not isinstance(text, str):
-        raise PayloadError(f"image {index}: expected a base64 string of PNG bytes, got {type(text).__name__}")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise PayloadError(f"image {index}: not valid base64 ({e})") from e
-    if not data.startswith(PNG_SIGNATURE):
-        raise PayloadError(f"image {index}: not a PNG (the bytes do not start with the PNG signature)")
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-            width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise PayloadError(
-                    f"image {index}: {width}x{height} exceeds the server's limit of {MAX_IMAGE_PIXELS} pixels",
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                )
-            if img.mode != "RGB":
-                raise PayloadError(
-                    f"image {index}: expected an 8-bit RGB PNG, got mode {img.mode!r}; send (N, 3, H, W) images"
-                )
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except PayloadError:
-        raise
-    except Exception as e:  # PIL raises many types on corrupt data; all mean "bad payload"
-        raise PayloadError(f"image {index}: corrupt PNG ({type(e).__name__}: {e})") from e
-    return arr
-
-
-def encode_score(x: float) -> float | str | None:
-    """NaN -> None (JSON null); +-inf -> "inf" / "-inf" (strict JSON has no infinities)."""
-    x = float(x)
-    if math.isnan(x):
-        return None
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
-def decode_score(x: Any) -> float:
-    """The inverse of ``encode_score``."""
-    if x is None:
-        return math.nan
-    if isinstance(x, str):
-        if x not in ("inf", "-inf"):
-            raise ValueError(f"unexpected score value {x!r} in a server response")
-        return float(x)
-    return float(x)
-
-
-def _detail_value(value: Any, where: str) -> Any:
-    """A detail value as a JSON scalar (numpy scalars unwrapped); non-finite floats are handled by the caller."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    raise TypeError(
-        f"{where}: detail values must be JSON scalars (str, float, int, bool, None), got {value!r}"
-    )
-
-
-def encode_batch(batch: ScoreBatch) -> dict[str, Any]:
-    """ScoreBatch -> the JSON body of a ``/score`` response.
-
-    Non-finite detail floats travel as ``null`` in ``details`` plus an entry ``nonfinite[key][index]`` =
-    ``"nan"`` / ``"inf"`` / ``"-inf"``, so that they come back as floats and a real ``None`` stays ``None``.
-    """
-    details: dict[str, list[Any]] = {}
-    nonfinite: dict[str, dict[str, str]] = {}
-    for key, values in batch.details.items():
-        column = details[key] = []
-        for i, v in enumerate(values):
-            v = _detail_value(v, f"detail {key!r}[{i}]")
-            if isinstance(v, float) and not math.isfinite(v):
-                nonfinite.setdefault(key, {})[str(i)] = str(v)  # 'nan', 'inf', '-inf'
-                v = None
-            column.append(v)
-    return {"scores": [encode_score(s) for s in batch.scores], "details": details, "nonfinite": nonfinite}
-
-
-def decode_batch(body: Mapping[str, Any]) -> ScoreBatch:
-    """The JSON body of a ``/score`` response -> ScoreBatch (non-finite scores and detail floats restored)."""
-    scores = np.array([decode_score(s) for s in body["scores"]], dtype=np.float64)
-    details = {key: list(values) for key, values in body.get("details", {}).items()}
-    for key, entries in body.get("nonfinite", {}).items():
-        for index, text in entries.items():
-            details[key][int(index)] = float(text)
-    return ScoreBatch(scores, details)
-
-
-def parse_score_request(body: Any, max_batch: int) -> tuple[torch.Tensor, list[str], list[dict[str, Any]]]:
-    """Validate a decoded ``/score`` JSON body; return (images (N, 3, H, W) float32, prompts, metadata)."""
-    if not isinstance(body, dict):
-        raise PayloadError(f"the request body must be a JSON object, got {type(body).__name__}")
-    images, prompts = body.get("images"), body.get("prompts")
-    metadata = body.get("metadata")
-    if not isinstance(images, list) or not images:
-        raise PayloadError("'images' must be a non-empty list of base64 PNG strings")
-    n = len(images)
-    if n > max_batch:
-        raise PayloadError(
-            f"batch of {n} images exceeds the server's max_batch={max_batch}; split it "
-            "(RemoteScorer does this for you)",
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
-    if not isinstance(prompts, list) or len(prompts) != n or not all(isinstance(p, str) for p in prompts):
-        raise PayloadError(f"'prompts' must be a list of {n} strings, one per image")
-    if metadata is None:
-        metadata = [{} for _ in range(n)]
-    if not isinstance(metadata, list) or len(metadata) != n or not all(isinstance(m, dict) for m in metadata):
-        raise PayloadError(f"'metadata' must be a list of {n} JSON objects, one per image")
-    arrays = [decode_png(text, i) for i, text in enumerate(images)]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        sizes = sorted(f"{w}x{h}" for h, w, _ in shapes)
-        raise PayloadError(f"all images in one request must share one size, got {', '.join(sizes)}")
-    return uint8_to_float(np.stack(arrays)), prompts, metadata
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the HTTP service
 
 
 def is_loopback(host: str) -> bool:
@@ -232,34 +81,99 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ScorerServer(ThreadingHTTPServer):
-    """A threading HTTP server holding one scorer; scoring is serialised (models are rarely thread-safe)."""
+def _is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
 
-    # Graceful shutdown: server_close() waits for in-flight requests (HTTP/1.0: one request per connection).
-    daemon_threads = False
-    block_on_close = True
+
+def check_settings(host: str, token: str | None) -> None:
+    """Refuse (``ServerConfigError``) a token that is too weak, or a non-loopback address without a token."""
+    if token is not None:
+        if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or any(c.isspace() for c in token):
+            raise ServerConfigError(
+                f"the scorer server's token must be at least {MIN_TOKEN_LENGTH} printable characters without "
+                f"spaces (got {len(token)}); e.g. `export {TOKEN_ENV}=$(python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))')`"
+            )
+    elif not is_loopback(host):
+        raise ServerConfigError(
+            f"refusing to serve on {host}, beyond loopback, without a token: anyone who can reach it could run the "
+            f"scorer; set {TOKEN_ENV} (or --token-file FILE) on both sides, or bind 127.0.0.1"
+        )
+
+
+def host_name(header: str) -> str:
+    """The host part of a ``Host`` header value (``[::1]:8765`` -> ``::1``, ``Example:80`` -> ``example``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    if header.count(":") == 1:
+        return header.partition(":")[0]
+    return header
+
+
+class ScorerServer(HTTPServer):
+    """An HTTP server holding one scorer: a bounded queue of connections, a pool of workers, one scoring lock.
+
+    Args:
+        scorer: the scorer to serve.
+        host, port: address to bind (port 0 picks a free port; see ``.url``).
+        limits: what one request may carry (``wire.Limits``).
+        token: the shared secret every request must present (``Authorization: Bearer``); required beyond
+            loopback.
+        workers: threads that read, decode and answer requests (their number bounds the decoded requests in
+            memory); scoring is serialised on the model whatever their number.
+        queue_size: accepted connections that may wait for a worker; one more gets 503.
+        backlog: the listen backlog (connections the kernel holds before they are accepted).
+        allowed_hosts: extra names the ``Host`` header may carry (a DNS name of this machine, a proxy's name).
+    """
+
+    # HTTP/1.0 handlers: one request per connection, so a worker is free again after each answer.
+    allow_reuse_address = True
 
     def __init__(
         self,
         scorer: Scorer,
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
-        max_batch: int = DEFAULT_MAX_BATCH,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        limits: Limits | None = None,
+        token: str | None = None,
+        workers: int = DEFAULT_WORKERS,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        backlog: int = DEFAULT_BACKLOG,
+        allowed_hosts: Sequence[str] = (),
     ) -> None:
-        if max_batch < 1 or max_request_bytes < 1:
-            raise ValueError(
-                f"max_batch and max_request_bytes must be positive, got {max_batch}, {max_request_bytes}"
-            )
+        check_settings(host, token)
+        for name, value in (("workers", workers), ("queue_size", queue_size), ("backlog", backlog)):
+            if value < 1:
+                raise ServerConfigError(f"{name} must be at least 1, got {value}")
         self.scorer = scorer
-        self.max_batch = max_batch
-        self.max_request_bytes = max_request_bytes
+        self.limits = limits or Limits()
+        self.token = token
+        self.request_queue_size = backlog  # socketserver passes it to listen()
+        self.allowed_hosts = self._allowed_hosts(host, allowed_hosts)
         self.score_lock = threading.Lock()
         self.stats_lock = threading.Lock()
-        self.requests_scored = 0
-        self.images_scored = 0
+        self.requests_scored = self.images_scored = self.busy_refusals = 0
+        self._connections: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(maxsize=queue_size)
+        self._refusals: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(maxsize=queue_size)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, port), ScorerRequestHandler)
+        self._workers = [threading.Thread(target=self._work, args=(self._connections, ScorerRequestHandler),
+                                          name=f"scorer-worker-{i}", daemon=True) for i in range(workers)]
+        self._refuser = threading.Thread(target=self._work, args=(self._refusals, BusyHandler),
+                                         name="scorer-busy", daemon=True)
+        super().__init__((host, port), ScorerRequestHandler)  # binds; closes the socket again if that fails
+        for thread in (*self._workers, self._refuser):
+            thread.start()
+
+    @staticmethod
+    def _allowed_hosts(host: str, extra: Sequence[str]) -> frozenset[str] | None:
+        """Names the Host header may carry; None = any (a wildcard bind with no --allow-host)."""
+        if _is_wildcard(host) and not extra:
+            return None
+        names = set(LOOPBACK_NAMES) | {host_name(h) for h in extra}
+        if not is_loopback(host):
+            names |= {host.lower(), socket.gethostname().lower(), socket.getfqdn().lower()}
+        return frozenset(names)
 
     @property
     def url(self) -> str:
@@ -274,13 +188,18 @@ class ScorerServer(ThreadingHTTPServer):
             "version": s.version,
             "higher_is_better": bool(s.higher_is_better),
             "scale": {"low": float(s.scale.low), "high": float(s.scale.high)},
-            "max_batch": self.max_batch,
-            "max_request_bytes": self.max_request_bytes,
+            **self.limits.to_info(),
             "wire_version": WIRE_VERSION,
         }
 
+    def health(self) -> dict[str, Any]:
+        with self.stats_lock:
+            return {"status": "ok", "scorer": self.scorer.name, "requests": self.requests_scored,
+                    "images": self.images_scored, "busy_refusals": self.busy_refusals}
+
     def score(self, body: Any) -> dict[str, Any]:
-        images, prompts, metadata = parse_score_request(body, self.max_batch)
+        images, prompts, metadata = parse_score_request(body, self.limits)
+        del body  # the decoded images replace the JSON text in memory
         with self.score_lock:
             batch = self.scorer.score(images, prompts, metadata)
         if not isinstance(batch, ScoreBatch) or len(batch) != len(prompts):
@@ -291,107 +210,225 @@ class ScorerServer(ThreadingHTTPServer):
             self.images_scored += len(prompts)
         return encode_batch(batch)
 
+    # -- connections: accepted by serve_forever's thread, answered by the pool ------------------------------
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            self._connections.put_nowait((request, client_address))
+            return
+        except queue.Full:
+            pass
+        with self.stats_lock:
+            self.busy_refusals += 1
+        try:
+            self._refusals.put_nowait((request, client_address))
+        except queue.Full:  # overwhelmed: even the 503 answers are queued out
+            self.shutdown_request(request)
+
+    def _work(self, connections: queue.Queue, handler: type[BaseHTTPRequestHandler]) -> None:
+        while (item := connections.get()) is not None:
+            request, client_address = item
+            try:
+                handler(request, client_address, self)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line per failed connection (a client that vanished, a timeout), not a traceback on stderr."""
+        exc = sys.exc_info()[1]
+        logger.warning("connection from %s failed: %s: %s", client_address[0], type(exc).__name__, exc)
+
+    def server_close(self) -> None:
+        """Stop listening, let the workers answer what is queued and in flight, then stop them."""
+        super().server_close()
+        if not self._refuser.is_alive():  # the bind failed: nothing was started
+            return
+        for _ in self._workers:
+            self._connections.put(None)
+        self._refusals.put(None)
+        for thread in (*self._workers, self._refuser):
+            thread.join()
+
 
 class ScorerRequestHandler(BaseHTTPRequestHandler):
-    """GET /info, GET /health, POST /score; every answer is JSON."""
+    """GET /info, GET /health, POST /score; every answer, errors included, is JSON."""
 
     server: ScorerServer
     server_version = "flowopd-scorer"
-    timeout = 120  # socket timeout (s): a stalled client cannot hold a worker thread (or shutdown) for long
+    # socket timeout (s) for each read: a stalled client cannot hold a worker for long
+    timeout = 30
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.info("%s %s", self.address_string(), format % args)
 
-    def _send_json(self, status: HTTPStatus, payload: Mapping[str, Any]) -> None:
+    def _send_json(self, status: HTTPStatus, payload: Mapping[str, Any],
+                   headers: Mapping[str, str] | None = None) -> None:
         data = json.dumps(payload, allow_nan=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _send_error(self, status: HTTPStatus, message: str) -> None:
-        self._send_json(status, {"error": message, "status": int(status)})
+    def _refuse(self, status: HTTPStatus, message: str, headers: Mapping[str, str] | None = None) -> None:
+        """Answer an error before the body was read: drop the body (bounded) first, then close."""
+        self._discard_body()
+        self._send_json(status, {"error": message, "status": int(status)}, headers)
 
-    def _discard_body(self, length: int) -> None:
-        """Read and drop a refused body (bounded) so the client gets the 413 instead of a reset connection."""
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, unsupported method, headers too long) as JSON too."""
         self.close_connection = True
-        left = min(length, MAX_DISCARD_BYTES)
+        self.request_version = self.protocol_version  # no HTTP/0.9 answers without a status line: garbage is 400
+        status = HTTPStatus(code)
+        text = message or status.phrase
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            text = f"method {self.command!r} is not supported; use GET /info, GET /health or POST /score"
+        try:
+            self._send_json(status, {"error": text, "status": int(status)})
+        except OSError:
+            pass
+
+    def _content_length(self) -> int:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return -1
+        return length
+
+    def _discard_body(self) -> None:
+        self.close_connection = True
+        left = min(self._content_length(), MAX_DISCARD_BYTES)
         while left > 0:
             chunk = self.rfile.read(min(left, 2**20))
             if not chunk:
                 break
             left -= len(chunk)
 
+    def _admitted(self) -> bool:
+        """Host and token checks shared by every endpoint; False once an error answer has been sent."""
+        allowed = self.server.allowed_hosts
+        host = self.headers.get("Host")
+        if host is None:
+            self._refuse(HTTPStatus.BAD_REQUEST, "a Host header is required")
+            return False
+        if allowed is not None and host_name(host) not in allowed:
+            self._refuse(HTTPStatus.BAD_REQUEST,
+                         f"Host {host!r} does not name this server (accepted: {', '.join(sorted(allowed))}); "
+                         "start the server with --allow-host NAME to accept another name")
+            return False
+        token = self.server.token
+        if token is not None:
+            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                self._refuse(HTTPStatus.UNAUTHORIZED,
+                             f"this scorer server needs its token: send 'Authorization: Bearer <token>' "
+                             f"(RemoteScorer reads it from {TOKEN_ENV})", {"WWW-Authenticate": "Bearer"})
+                return False
+        return True
+
     def do_GET(self) -> None:
+        if not self._admitted():
+            return
         if self.path == "/info":
             self._send_json(HTTPStatus.OK, self.server.info())
         elif self.path == "/health":
-            with self.server.stats_lock:
-                stats = {"requests": self.server.requests_scored, "images": self.server.images_scored}
-            self._send_json(HTTPStatus.OK, {"status": "ok", "scorer": self.server.scorer.name, **stats})
+            self._send_json(HTTPStatus.OK, self.server.health())
         elif self.path == "/score":
-            self._send_error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST /score with a JSON body")
+            self._refuse(HTTPStatus.METHOD_NOT_ALLOWED, "use POST /score with a JSON body")
         else:
-            self._send_error(
-                HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r}; try GET /info, GET /health, POST /score"
-            )
+            self._refuse(HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r}; try GET /info, GET /health, POST /score")
+
+    do_HEAD = do_GET
 
     def do_POST(self) -> None:
-        if self.path != "/score":
-            self._send_error(HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r} for POST; use POST /score")
+        if not self._admitted():
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
+        if self.path != "/score":
+            self._refuse(HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r} for POST; use POST /score")
+            return
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            self._refuse(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                         f"POST /score needs 'Content-Type: application/json', got {content_type or 'none'!r}")
+            return
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._refuse(HTTPStatus.LENGTH_REQUIRED, "POST /score needs a Content-Length (no chunked bodies)")
+            return
+        length, limit = self._content_length(), self.server.limits.max_request_bytes
         if length < 0:
             self.close_connection = True
-            self._send_error(HTTPStatus.LENGTH_REQUIRED, "POST /score needs a valid Content-Length header")
+            self._send_json(HTTPStatus.LENGTH_REQUIRED,
+                            {"error": "POST /score needs a valid Content-Length header", "status": 411})
             return
-        if length > self.server.max_request_bytes:
-            self._discard_body(length)
-            self._send_error(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"request of {length} bytes exceeds the server's max_request_bytes={self.server.max_request_bytes}; "
-                "send fewer or smaller images",
-            )
+        if length > limit:
+            self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                         f"request of {length} bytes exceeds the server's max_request_bytes={limit}; send fewer or "
+                         "smaller images (RemoteScorer splits for you)")
+            return
+        data = self.rfile.read(length)
+        if len(data) < length:
+            self.close_connection = True
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"the body ended after {len(data)} of its "
+                                                              f"{length} bytes", "status": 400})
             return
         try:
-            body = json.loads(self.rfile.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self._send_error(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON ({e})")
+            body = json.loads(data)
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than the parser's stack
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"the request body is not valid JSON ({why})",
+                                                     "status": 400})
             return
+        del data
         try:
             answer = self.server.score(body)
         except PayloadError as e:
-            self._send_error(e.status, str(e))
+            self._send_json(e.status, {"error": str(e), "status": int(e.status)})
             return
         except Exception as e:  # an error inside the scorer: report it, keep serving
             logger.error("scorer %r failed:\n%s", self.server.scorer.name, traceback.format_exc())
-            self._send_error(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                f"scorer {self.server.scorer.name!r} failed: {type(e).__name__}: {e}",
-            )
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {
+                "error": f"scorer {self.server.scorer.name!r} failed: {type(e).__name__}: {e}", "status": 500})
             return
         self._send_json(HTTPStatus.OK, answer)
+
+
+class BusyHandler(ScorerRequestHandler):
+    """The answer to a connection the queue has no room for: 503 (after reading its headers and body)."""
+
+    timeout = 5
+
+    def _busy(self) -> None:
+        self._refuse(HTTPStatus.SERVICE_UNAVAILABLE,
+                     "the scorer server is busy (its request queue is full); retry shortly", {"Retry-After": "1"})
+
+    do_GET = do_HEAD = do_POST = _busy
 
 
 def make_server(
     scorer: Scorer,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    limits: Limits | None = None,
+    token: str | None = None,
+    workers: int = DEFAULT_WORKERS,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    backlog: int = DEFAULT_BACKLOG,
+    allowed_hosts: Sequence[str] = (),
 ) -> ScorerServer:
-    """Bind a server for an already-built scorer (port 0 picks a free port; see ``.url``); not yet serving."""
-    if not is_loopback(host):
-        logger.warning(
-            "binding the scorer server to %s: anyone who can reach this address can run the scorer, and there "
-            "is no authentication; keep the default 127.0.0.1 unless the network is trusted",
-            host,
-        )
-    return ScorerServer(scorer, host, port, max_batch, max_request_bytes)
+    """Bind a server for an already-built scorer (port 0 picks a free port; see ``.url``); not yet serving.
+
+    Raises ``ServerConfigError`` beyond loopback without a token (or with a weak one), ``BindError`` when the
+    address cannot be bound.
+    """
+    try:
+        return ScorerServer(scorer, host, port, limits, token, workers, queue_size, backlog, allowed_hosts)
+    except OSError as e:
+        raise BindError(f"cannot bind {host}:{port} ({e.strerror or e}); pick another --port (0 = any free)") from e
 
 
 def serve(
@@ -399,25 +436,29 @@ def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     scorer_options: Mapping[str, Any] | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    limits: Limits | None = None,
+    token: str | None = None,
+    workers: int = DEFAULT_WORKERS,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    backlog: int = DEFAULT_BACKLOG,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
     """Build the registered scorer ``scorer_name`` and serve it until SIGINT or SIGTERM (then shut down cleanly).
 
-    Prints ``serving '<name>' at <url>`` on stdout once the socket is bound (with ``port=0`` this is how a caller
-    learns the port).
+    The settings are checked before the model is loaded. Prints ``serving '<name>' at <url>`` on stdout once
+    the socket is bound (with ``port=0`` this is how a caller learns the port).
     """
     from flowopd.scorers import build_scorer
 
+    check_settings(host, token)
     # the port is bound only once the model is loaded: until then clients see "connection refused" and retry
     print(f"loading scorer {scorer_name!r} ...", flush=True)
-    scorer = build_scorer(scorer_name, **dict(scorer_options or {}))
     try:
-        server = make_server(scorer, host, port, max_batch, max_request_bytes)
-    except OSError as e:
-        raise BindError(
-            f"cannot bind {host}:{port} ({e.strerror or e}); pick another --port (0 = any free)"
-        ) from e
+        scorer = build_scorer(scorer_name, **dict(scorer_options or {}))
+    except TypeError as e:  # an --option the constructor does not take
+        raise ServerConfigError(f"--option: scorer {scorer_name!r} does not take these options ({e})") from e
+    limits = limits or Limits()
+    server = make_server(scorer, host, port, limits, token, workers, queue_size, backlog, allowed_hosts)
 
     def stop(signum: int, _frame: Any) -> None:
         logger.info("received %s, shutting down", signal.Signals(signum).name)
@@ -425,7 +466,8 @@ def serve(
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    print(f"serving {scorer.name!r} at {server.url} (max_batch={max_batch})", flush=True)
+    print(f"serving {scorer.name!r} at {server.url} (max_batch={limits.max_batch}, workers={workers}, "
+          f"token {'required' if token else 'off'})", flush=True)
     try:
         server.serve_forever()
     finally:
@@ -446,7 +488,7 @@ def parse_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         value = raw
     return key.strip(), value
 
@@ -459,74 +501,105 @@ def parse_registration(text: str) -> tuple[str, str]:
     return name.strip(), target.strip()
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0-65535 (0 = any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return value
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The token from ``--token-file`` (its first line) or else from the environment (``TOKEN_ENV``)."""
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    path = Path(token_file)
+    try:
+        token = path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+    except OSError as e:
+        raise ServerConfigError(f"--token-file {token_file}: cannot read it ({e.strerror or e})") from e
+    if not token:
+        raise ServerConfigError(f"--token-file {token_file}: the file is empty; write the token on its first line")
+    return token
+
+
 def build_parser(prog: str = "python -m flowopd.bench serve") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CLIParser(
         prog=prog,
-        description="Serve one registered scorer over local HTTP (JSON + PNG, never pickle) for RemoteScorer.",
+        description="Serve one registered scorer over HTTP (JSON + PNG, never pickle) for RemoteScorer; see "
+                    "docs/scorers/server.md.",
     )
     parser.add_argument("scorer", help="registered scorer name, e.g. deqa, imagereward, geneval")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to bind (default: %(default)s, loopback); any other address needs a token "
+                             f"({TOKEN_ENV} or --token-file)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="port (default: %(default)s; 0 = any free)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"file whose first line is the token clients must send (default: ${TOKEN_ENV}; none "
+                             "= no token, loopback only)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="another name the Host header may carry (repeatable), e.g. the machine's DNS name")
     parser.add_argument(
-        "--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s, loopback)"
+        "--option", "-o", action="append", type=parse_option, default=[], metavar="KEY=VALUE",
+        help="scorer constructor option (repeatable); values parse as JSON when they can, e.g. device=cuda, "
+             "batch_size=8",
     )
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0 = any free)"
-    )
-    parser.add_argument(
-        "--option",
-        "-o",
-        action="append",
-        type=parse_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="scorer constructor option (repeatable); values parse as JSON when they can, e.g. device=cuda, batch_size=8",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
+        "--trust-remote-code", action="store_true",
         help="pass trust_remote_code=True to the scorer (DeQA's mPLUG-Owl2 needs it); only for checkpoints you trust",
     )
     parser.add_argument(
-        "--register",
-        action="append",
-        type=parse_registration,
-        default=[],
-        metavar="NAME=MODULE:CLASS",
+        "--register", action="append", type=parse_registration, default=[], metavar="NAME=MODULE:CLASS",
         help="register an extra scorer before serving (repeatable), e.g. my-score=mypkg.scorers:MyScorer",
     )
-    parser.add_argument(
-        "--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="images per request (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=DEFAULT_MAX_REQUEST_BYTES,
-        help="largest request body in bytes (default: %(default)s)",
-    )
+    defaults = Limits()
+    parser.add_argument("--max-batch", type=positive_int, default=defaults.max_batch,
+                        help="images per request (default: %(default)s)")
+    parser.add_argument("--max-request-bytes", type=positive_int, default=defaults.max_request_bytes,
+                        help="largest request body in bytes, refused before it is read (default: %(default)s)")
+    parser.add_argument("--max-side", type=positive_int, default=defaults.max_side,
+                        help="largest image width or height, read from the PNG header (default: %(default)s)")
+    parser.add_argument("--max-request-pixels", type=positive_int, default=defaults.max_request_pixels,
+                        help="pixels of all images in one request (default: %(default)s = 64 x 512 x 512)")
+    parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS,
+                        help="threads that read and decode requests; bounds the memory (default: %(default)s)")
+    parser.add_argument("--queue-size", type=positive_int, default=DEFAULT_QUEUE_SIZE,
+                        help="connections waiting for a worker before 503 (default: %(default)s)")
+    parser.add_argument("--backlog", type=positive_int, default=DEFAULT_BACKLOG,
+                        help="listen backlog (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m flowopd.bench serve") -> int:
-    """CLI entry point: ``python -m flowopd.bench serve SCORER [options]``; returns the exit status."""
-    from flowopd.registry import UnknownNameError
+def _main(argv: Sequence[str] | None, prog: str) -> int:
     from flowopd.scorers import SCORERS
 
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    token = read_token(args.token_file)
+    check_settings(args.host, token)  # before the scorer's model is loaded
     for name, target in args.register:
         SCORERS.register(name, target)
     options = dict(args.option)
     if args.trust_remote_code:
         options["trust_remote_code"] = True
-    try:
-        serve(args.scorer, args.host, args.port, options, args.max_batch, args.max_request_bytes)
-    except UnknownNameError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BindError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    limits = Limits(args.max_batch, args.max_request_bytes, args.max_side, args.max_request_pixels)
+    serve(args.scorer, args.host, args.port, options, limits, token, args.workers, args.queue_size, args.backlog,
+          args.allow_host)
     return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m flowopd.bench serve") -> int:
+    """CLI entry point: ``python -m flowopd.bench serve SCORER [options]``; returns the exit status.
+
+    Every error (a bad flag, an unknown scorer, a refused setting, a port in use) is one line on stderr and a
+    non-zero exit; a traceback only with ``FLOWOPD_DEBUG=1``.
+    """
+    return run_cli(lambda: _main(argv, prog), prog=prog)
 
 
 if __name__ == "__main__":
