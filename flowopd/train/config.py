@@ -271,7 +271,8 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
 
 
 def _accepts_str(tp: Any) -> bool:
-    return tp is str or str in typing.get_args(tp)
+    """A str field, or an optional/union one with str among its options (not a dict keyed by str)."""
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
 
 
 def resume_changes(

@@ -200,9 +200,10 @@ class GRPOConfig:
                                "global_std = true) or 'group' std.")
     beta: float = _help(0.04, "KL weight to the reference (0.04 GenEval/OCR, 0.01 PickScore); 0 = no KL.")
     cfg_detach_uncond: bool = _help(False, "Detach the unconditional CFG branch in the training forward (two "
-                                    "passes of N instead of one of 2N). Flow-GRPO's compute_log_prob keeps both "
-                                    "branches attached (False): with CFG g the adapter also moves v_uncond, with "
-                                    "weight 1 - g, and a gradient that ignores it is biased (on the mini world, "
+                                    "passes of N instead of one of 2N). Flow-OPD's compute_log_prob keeps both "
+                                    "branches attached (False; Flow-GRPO since 2d76907 detaches it): with CFG g the "
+                                    "adapter also moves v_uncond, with weight 1 - g, and a gradient that ignores it is "
+                                    "biased (on the mini world, "
                                     "True made the GenEval reward fall during training).")
     ema: bool = _help(True, "EMA of the adapter; checkpoints and evaluation use the EMA weights.")
     ema_decay: float = _help(0.9, "EMA decay (Flow-GRPO 0.9, with warm-up min((1+s)/(10+s), decay)).")
@@ -665,10 +666,16 @@ def _rollout(
     executor: ThreadPoolExecutor | None,
 ) -> tuple[Trajectory, Conditioning, RewardOutput | None, dict[str, float]]:
     """Sample this process's share in batches; score each batch (in the background when asked; not at all
-    without a reward)."""
+    without a reward). Rollouts with non-finite states stop the run (finite but diverged adapter weights)."""
     model.eval()
     with _unwrapped(policy, model):
-        return _sample_and_score(config, policy, plan, local, reward, executor)
+        out = _sample_and_score(config, policy, plan, local, reward, executor)
+    traj = out[0]
+    if not (torch.isfinite(traj.log_probs).all() and torch.isfinite(traj.latents).all()):
+        largest = max(float(p.detach().abs().max()) for _, p in lora_parameters(model))
+        raise divergence_error(f"the policy's rollouts hold non-finite values (largest |adapter weight| {largest:.3g})",
+                               None, Path(config.output_dir))
+    return out
 
 
 def _sample_and_score(
