@@ -325,11 +325,12 @@ def check_health(
     return "; ".join(problems) or None
 
 
-def divergence_error(problem: str, iteration: int, out_dir: Path) -> TrainingDivergedError:
-    """The error that stops a run at ``iteration``, naming the checkpoint it may resume from."""
-    good = checkpoints(out_dir)
-    last = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written"
+def divergence_error(problem: str, iteration: int | None, out_dir: Path) -> TrainingDivergedError:
+    """The error that stops a run (at ``iteration`` when known), naming the newest checkpoint it kept."""
+    kept = checkpoints(out_dir)
+    last = f"the newest checkpoint kept is {kept[-1]}" if kept else "no checkpoint was written"
+    at = f"iteration {iteration}: " if iteration is not None else ""
     return TrainingDivergedError(
-        f"iteration {iteration}: training diverged: {problem}. Stopped before checkpointing it; {last} (a lower "
-        f"learning_rate or max_grad_norm may help)"
+        f"{at}training diverged: {problem}. Stopped before checkpointing it; {last} (a lower learning_rate or "
+        f"max_grad_norm may help)"
     )
