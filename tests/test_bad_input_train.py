@@ -283,3 +283,11 @@ def test_the_process_exits_2_with_one_line(world):
 def test_flowopd_debug_shows_the_traceback(world):
     proc = _python(["grpo", str(world / "tiny.toml"), "learning_rate=inf"], FLOWOPD_DEBUG="1")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_the_scheduler_choices_are_diffusers_own():
+    from diffusers.optimization import SchedulerType
+
+    from flowopd.train.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
