@@ -670,8 +670,11 @@ def _rollout(
     model.eval()
     with _unwrapped(policy, model):
         out = _sample_and_score(config, policy, plan, local, reward, executor)
+    from accelerate.utils import reduce
+
     traj = out[0]
-    if not (torch.isfinite(traj.log_probs).all() and torch.isfinite(traj.latents).all()):
+    bad = ~(torch.isfinite(traj.log_probs).all() & torch.isfinite(traj.latents).all())
+    if reduce(bad.float().reshape(1), reduction="sum").item() > 0:  # every process stops, none waits in a gather
         largest = max(float(p.detach().abs().max()) for _, p in lora_parameters(model))
         raise divergence_error(f"the policy's rollouts hold non-finite values (largest |adapter weight| {largest:.3g})",
                                None, Path(config.output_dir))
