@@ -160,6 +160,26 @@ def test_a_sampler_typo_gets_a_close_match(world, tmp_path, capsys):
                     f"output_dir={tmp_path / 'out'}"], r"did you mean 'mini-world'")
 
 
+# ---------------------------------------------------------------- values that need the recipe's context
+
+RUN_CASES = [
+    ("prompts=[{task='x', prompt_set={pth='x.txt', format='lines'}}]",
+     [r"unknown key 'prompts\[0\]\.prompt_set\.pth' for PromptSetSpec", r"did you mean prompts\[0\]\.prompt_set\.path"]),
+    ("prompts=[{task='x', sampler='mini-world', sampler_args={bogus=1}}]",
+     [r"prompts\[0\]\.sampler_args: got an unexpected keyword argument 'bogus' \(sampler 'mini-world'\)"]),
+    ("prompts=[{task='x', benchmark='no-such-benchmark'}]", [r"unknown benchmark 'no-such-benchmark'"]),
+    ("reward.weights.no-such-scorer=1", [r"unknown scorer 'no-such-scorer'"]),
+    ("sde_window_size=5", [r"sde_window_range must be \[lo, hi\] with lo \+ sde_window_size <= min\(hi, num_steps = 3\)"]),
+    ("model=/no/such/model", [r"could not load '/no/such/model'"]),
+]
+
+
+@pytest.mark.parametrize(("override", "patterns"), RUN_CASES, ids=[c[0].split("=")[0] for c in RUN_CASES])
+def test_a_bad_value_is_refused_before_the_first_iteration(world, tmp_path, capsys, override, patterns):
+    _fails(capsys, ["grpo", str(world / "tiny.toml"), f"output_dir={tmp_path / 'out'}", override], *patterns)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 # ---------------------------------------------------------------- resume and checkpoints
 
 

@@ -34,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import random
@@ -53,7 +54,7 @@ from flowopd.models.policy import Conditioning, index_cond
 from flowopd.registry import Registry, UnknownNameError
 from flowopd.rewards import ANY_TASK, Reward, RewardOutput
 from flowopd.scorers.base import Scorer
-from flowopd.train.config import ConfigError, check_fields, load_config, to_dict
+from flowopd.train.config import ConfigError, check_fields, from_dict, load_config, to_dict
 from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients, task_reward_metrics
 from flowopd.train.lora import (
     EMA,
@@ -291,11 +292,22 @@ class PromptSampler:
             if s.weight <= 0:
                 raise ConfigError(f"prompts[{i}]: weight must be > 0, got {s.weight}")
             try:
-                self.fns.append(resolve_sampler(s.sampler) if s.sampler else None)
+                fn = resolve_sampler(s.sampler) if s.sampler else None
             except UnknownNameError as e:
                 raise ConfigError(f"prompts[{i}].sampler: {e}") from e
+            if fn is not None:
+                try:  # the arguments fit the sampler's signature (checked before any prompt is drawn)
+                    inspect.signature(fn).bind(None, **s.sampler_args)
+                except TypeError as e:
+                    raise ConfigError(f"prompts[{i}].sampler_args: {e} (sampler {s.sampler!r})") from e
+            self.fns.append(fn)
             if s.prompt_set:
-                self.pools.append(load_prompts(PromptSetSpec(**s.prompt_set)))
+                where = f"prompts[{i}].prompt_set"
+                try:
+                    spec = from_dict(PromptSetSpec, s.prompt_set, "recipe", prefix=f"{where}.")
+                except TypeError as e:  # a required field left out
+                    raise ConfigError(f"{where}: {e}") from e
+                self.pools.append(load_prompts(spec))
             elif s.benchmark:
                 self.pools.append(load_prompts(get_spec(s.benchmark).prompts))
             else:
