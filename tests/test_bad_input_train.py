@@ -311,3 +311,18 @@ def test_the_scheduler_choices_are_diffusers_own():
     from flowopd.train.config import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_every_shipped_recipe_passes_the_rules():
+    from flowopd.train.config import load_config
+    from flowopd.train.grpo import GRPOConfig
+    from flowopd.train.opd import OPDConfig
+    from flowopd.train.pretrain import PretrainConfig
+    from flowopd.train.sft import SFTConfig
+
+    recipes = sorted((REPO / "training" / "configs").glob("*.toml"))
+    assert len(recipes) >= 19
+    for path in recipes:
+        cls = (PretrainConfig if "pretrain" in path.name else OPDConfig if "opd" in path.name
+               else SFTConfig if "sft" in path.name else GRPOConfig)
+        load_config(cls, path)  # raises ConfigError naming the field a new rule would refuse
