@@ -141,7 +141,8 @@ class Reward:
         scorers: scorer instances by name (injected: tests, shared with an evaluator); the others are built.
         scorer_options: constructor options per scorer name (model id or local path, device, ...).
         servers: scorer name -> URL of a running scorer server (``flowopd.scorers.server``), for scorers that
-            live in their own environment (DeQA) or on another machine.
+            live in their own environment (DeQA) or on another machine. A server's token is read from
+            ``$FLOWOPD_SCORER_TOKEN`` by ``RemoteScorer`` (never from the recipe, which is committed).
         device: passed to scorers whose constructor takes ``device`` (unless their options set it).
     """
 

@@ -402,3 +402,15 @@ def test_http4xx_busy_server_answers_503_json_with_retry_after():
     finally:
         scorer.release.set()
         next(serving, None)
+
+
+def test_http4xx_host_check_accepts_this_servers_names_only():
+    from flowopd.scorers.server import ScorerServer, host_name
+
+    assert [host_name(h) for h in ("[::1]:8765", "LocalHost:1", "127.0.0.1", "example.org")] == [
+        "::1", "localhost", "127.0.0.1", "example.org"]
+    loopback = ScorerServer._allowed_hosts("127.0.0.2", ())
+    assert {"127.0.0.2", "localhost", "127.0.0.1", "::1"} <= loopback and "attacker.example" not in loopback
+    assert "scorer.lab" in ScorerServer._allowed_hosts("127.0.0.1", ["scorer.lab:8765"])
+    assert ScorerServer._allowed_hosts("0.0.0.0", ()) is None  # any name: the token guards a wildcard bind
+    assert "attacker.example" not in ScorerServer._allowed_hosts("0.0.0.0", ["scorer.lab"])

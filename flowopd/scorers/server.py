@@ -39,6 +39,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flowopd.errors import CLIParser, positive_int, run_cli
 from flowopd.scorers.base import ScoreBatch, Scorer
 from flowopd.scorers.wire import (
@@ -170,7 +172,7 @@ class ScorerServer(HTTPServer):
         """Names the Host header may carry; None = any (a wildcard bind with no --allow-host)."""
         if _is_wildcard(host) and not extra:
             return None
-        names = set(LOOPBACK_NAMES) | {host_name(h) for h in extra}
+        names = set(LOOPBACK_NAMES) | {host.lower()} | {host_name(h) for h in extra}
         if not is_loopback(host):
             names |= {host.lower(), socket.gethostname().lower(), socket.getfqdn().lower()}
         return frozenset(names)
@@ -197,9 +199,8 @@ class ScorerServer(HTTPServer):
             return {"status": "ok", "scorer": self.scorer.name, "requests": self.requests_scored,
                     "images": self.images_scored, "busy_refusals": self.busy_refusals}
 
-    def score(self, body: Any) -> dict[str, Any]:
-        images, prompts, metadata = parse_score_request(body, self.limits)
-        del body  # the decoded images replace the JSON text in memory
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> dict[str, Any]:
+        """Score one parsed request under the model's lock; the JSON body of the answer."""
         with self.score_lock:
             batch = self.scorer.score(images, prompts, metadata)
         if not isinstance(batch, ScoreBatch) or len(batch) != len(prompts):
@@ -383,12 +384,15 @@ class ScorerRequestHandler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.BAD_REQUEST, {"error": f"the request body is not valid JSON ({why})",
                                                      "status": 400})
             return
-        del data
+        del data  # from here on only the parsed body, then only the decoded images, are held
         try:
-            answer = self.server.score(body)
+            images, prompts, metadata = parse_score_request(body, self.server.limits)
         except PayloadError as e:
             self._send_json(e.status, {"error": str(e), "status": int(e.status)})
             return
+        del body
+        try:
+            answer = self.server.score(images, prompts, metadata)
         except Exception as e:  # an error inside the scorer: report it, keep serving
             logger.error("scorer %r failed:\n%s", self.server.scorer.name, traceback.format_exc())
             self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {

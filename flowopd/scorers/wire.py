@@ -247,7 +247,9 @@ def parse_score_request(
 ) -> tuple[torch.Tensor, list[str], list[dict[str, Any]]]:
     """Validate a decoded ``/score`` JSON body; return (images (N, 3, H, W) float32, prompts, metadata).
 
-    Types, counts and every PNG header are checked against ``limits`` before the first image is decoded.
+    Types, counts and every PNG header are checked against ``limits`` before the first image is decoded. The
+    body's ``images`` list is consumed (each base64 text is dropped once decoded), so the JSON text and the
+    decoded pixels are not held in memory together.
     """
     if not isinstance(body, dict):
         raise PayloadError(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -271,5 +273,9 @@ def parse_score_request(
     if not isinstance(metadata, list) or len(metadata) != n or not all(isinstance(m, dict) for m in metadata):
         raise PayloadError(f"'metadata' must be a list of {n} JSON objects, one per image")
     check_headers(images, limits)
-    arrays = [decode_png(text, i, limits) for i, text in enumerate(images)]
-    return uint8_to_float(np.stack(arrays)), prompts, metadata
+    width, height, _ = png_header(images[0], 0)
+    pixels = np.empty((n, height, width, 3), dtype=np.uint8)
+    for i in range(n):
+        pixels[i] = decode_png(images[i], i, limits)
+        images[i] = None
+    return uint8_to_float(pixels), prompts, metadata
