@@ -167,18 +167,32 @@ def mmdet_rescale_shape(height: int, width: int, scale: tuple[int, int] = MMDET_
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
+def resize_backend() -> str:
+    """``"cv2"`` when OpenCV is importable (mmcv's own resize), else ``"torch"``."""
+    import importlib.util
+
+    return "cv2" if importlib.util.find_spec("cv2") is not None else "torch"
+
+
 def mmdet_preprocess(
     rgb: np.ndarray, scale: tuple[int, int] = MMDET_IMG_SCALE, size_divisor: int = 32
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 RGB (H, W, 3) -> ((1, 3, Hp, Wp) normalised and zero-padded pixels, resized (h, w)).
 
-    As mmdet's test pipeline: bilinear keep-ratio resize (re-quantised to uint8 as cv2 returns it), RGB
-    normalisation with ImageNet mean/std, then zero padding (after normalisation) to a multiple of 32.
+    As mmdet's test pipeline: bilinear keep-ratio resize of the uint8 image, RGB normalisation with ImageNet
+    mean/std, then zero padding (after normalisation) to a multiple of 32. The resize is ``cv2.resize`` (what
+    ``mmcv.imresize`` calls, bit-exact) when OpenCV is installed; otherwise torch's float bilinear re-rounded to
+    uint8, which differs from cv2's fixed-point arithmetic by one grey level on about a tenth of the values
+    (``nox -s parity``; docs/scorers/parity.md).
     """
     h, w = rgb.shape[:2]
     nh, nw = mmdet_rescale_shape(h, w, scale)
+    if (nh, nw) != (h, w) and resize_backend() == "cv2":
+        import cv2
+
+        rgb = cv2.resize(np.ascontiguousarray(rgb), (nw, nh), interpolation=cv2.INTER_LINEAR)
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
-    if (nh, nw) != (h, w):
+    if x.shape[-2:] != (nh, nw):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False).round().clamp(0, 255)
     x = (x - torch.tensor(MMDET_MEAN).view(1, 3, 1, 1)) / torch.tensor(MMDET_STD).view(1, 3, 1, 1)
     ph, pw = math.ceil(nh / size_divisor) * size_divisor, math.ceil(nw / size_divisor) * size_divisor
@@ -464,7 +478,7 @@ class GenEvalScorer:
         # our colour classifier is a transformers port (tests/parity/check_openclip.py), so never official here
         engine = "mmdet" if detector == "mmdet" and detect_fn is None else "flowopd-port"
         engine_version = package_version("mmdet") if engine == "mmdet" else f"transformers-{package_version('transformers')}"
-        self.version = f"geneval-1;detector={detector_desc};color={color_desc};input={jpeg};" + engine_fields(
+        self.version = f"geneval-1;detector={detector_desc};color={color_desc};input={jpeg};resize={resize_backend()};" + engine_fields(
             engine, engine_version, f"{detector_desc}+{color_desc}".replace(";", ","), "fp32", official=False)
 
     def score(

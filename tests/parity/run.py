@@ -69,12 +69,12 @@ def compare(work: Path, names: list[str]) -> int:
                          "tolerance": getattr(module, "TOLERANCE", None), "ok": False, "note": why})
             continue
         rows.extend(module.compare(work))
-    header = f"| {'scorer':<12} | {'quantity':<44} | {'n':>4} | {'max abs diff':>12} | {'tolerance':>9} | ok  |"
+    header = f"| {'scorer':<12} | {'quantity':<56} | {'n':>4} | {'max abs diff':>12} | {'tolerance':>9} | ok  |"
     lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     for r in rows:
         diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}"
         tol = "-" if r["tolerance"] is None else f"{r['tolerance']:.0e}"
-        lines.append(f"| {r['scorer']:<12} | {r['quantity']:<44} | {r['n']:>4} | {diff:>12} | {tol:>9} | "
+        lines.append(f"| {r['scorer']:<12} | {r['quantity']:<56} | {r['n']:>4} | {diff:>12} | {tol:>9} | "
                      f"{'yes' if r['ok'] else 'NO ':<3} |")
     notes = [f"- {r['scorer']} / {r['quantity']}: {r['note']}" for r in rows if r.get("note")]
     table = "\n".join(lines + ([""] + notes if notes else []))
