@@ -216,12 +216,14 @@ class OCRScorer:
             checkpoint = "PP-OCRv4 ch det+rec (ONNX, in the wheel)"
         else:
             distribution, engine_version = "paddleocr", _package_version("paddleocr")
-            checkpoint = f"lang={(engine_options or {}).get('lang', 'en')}"
+            custom = sorted(k for k in (engine_options or {}) if k.endswith("_model_dir"))
+            checkpoint = f"lang={(engine_options or {}).get('lang', 'en')}" + (f",custom {'/'.join(custom)}" if custom else "")
         package = f"{distribution} {engine_version}" + (
             f" paddlepaddle {_package_version('paddlepaddle')}" if engine == "paddleocr" else "")
         source = "factory" if engine_factory is not None else "default"
+        # official: Flow-GRPO's version and language, with PaddleOCR's own (downloaded) models
         official = (engine == "paddleocr" and engine_version == OFFICIAL_PADDLEOCR and engine_factory is None
-                    and (engine_options or {}).get("lang", "en") == "en")
+                    and (engine_options or {}).get("lang", "en") == "en" and "custom" not in checkpoint)
         self.version = f"ocr-1;engine={engine};{package};{source};input={channel_order};" + engine_fields(
             distribution, engine_version, "injected" if engine_factory is not None else checkpoint,
             "fp32", official)

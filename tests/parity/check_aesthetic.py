@@ -14,7 +14,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import full_size, load_images, load_json, max_abs_diff, perturb_, save_json, save_safetensors, seed_everything
+from common import (
+    full_size,
+    load_images,
+    load_json,
+    max_abs_diff,
+    perturb_,
+    save_json,
+    save_safetensors,
+    seed_everything,
+)
 
 TOLERANCE = 1e-4
 WHY = "fp32; scores on a 1-10 scale"
@@ -62,10 +71,10 @@ def official(work: Path) -> dict:
 
 
 def ours(work: Path) -> dict:
+    from common import images_tensor
     from safetensors.torch import load_file
     from transformers import CLIPModel
 
-    from common import images_tensor
     from flowopd.scorers.aesthetic import AestheticScorer, load_aesthetic_mlp
     from flowopd.scorers.hps import clip_config_from_open_clip, convert_open_clip_state_dict
 

@@ -35,9 +35,8 @@ def arch() -> str:
 
 
 def official(work: Path) -> dict:
-    import json
-
     import importlib.util
+    import json
 
     import open_clip
     import torch
@@ -74,9 +73,9 @@ def official(work: Path) -> dict:
 
 
 def ours(work: Path) -> dict:
+    from common import images_tensor
     from transformers import AutoTokenizer
 
-    from common import images_tensor
     from flowopd.scorers.hps import HPSScorer, load_hps_clip
 
     here = work / "hps"

@@ -15,7 +15,16 @@ import json
 import os
 from pathlib import Path
 
-from common import PROMPTS, load_json, make_images, max_abs_diff, perturb_, save_safetensors, seed_everything, write_bert_vocab
+from common import (
+    PROMPTS,
+    load_json,
+    make_images,
+    max_abs_diff,
+    perturb_,
+    save_safetensors,
+    seed_everything,
+    write_bert_vocab,
+)
 
 TOLERANCE = 1e-4
 WHY = "fp32; rewards are z-scores (about -2..2); 24 ViT-L blocks of float32 rounding stay far below 1e-4"
@@ -54,6 +63,7 @@ def official(work: Path) -> dict:
 
 def ours(work: Path) -> dict:
     from common import images_tensor
+
     from flowopd.scorers.imagereward import ImageRewardScorer, load_imagereward, load_imagereward_tokenizer
 
     here = work / "imagereward"

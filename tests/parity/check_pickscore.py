@@ -10,7 +10,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from common import PROMPTS, clip_tokenizer_dir, full_size, load_images, load_json, max_abs_diff, perturb_, seed_everything
+from common import (
+    PROMPTS,
+    clip_tokenizer_dir,
+    full_size,
+    load_images,
+    load_json,
+    max_abs_diff,
+    perturb_,
+    seed_everything,
+)
 
 TOLERANCE = 1e-4
 WHY = "fp32 on both sides; the score is 100 x a cosine, so 1e-4 is a cosine difference of 1e-6"

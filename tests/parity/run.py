@@ -5,6 +5,7 @@ SIDE is the environment this interpreter belongs to:
 - ``official-torch``: torch 2.14 + image-reward, hpsv2, open_clip, openai clip, transformers 4.46, mmdet 3.3;
 - ``official-paddle``: paddleocr 2.9.1 + paddlepaddle 2.6.2 (and flowopd without its dependencies);
 - ``ours``: flowopd's own stack (transformers 5);
+- ``ours-paddle``: flowopd in the PaddleOCR environment (our OCR scorer driving the official engine);
 - ``compare``: no heavy imports; reads what the sides wrote and prints one table row per compared quantity.
 
 Each ``check_<name>.py`` module maps the sides it runs on to functions that take the work directory and return
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
 
 CHECKS = ("imagereward", "hps", "aesthetic", "pickscore", "openclip", "geneval", "ocr")
-SIDES = ("official-torch", "official-paddle", "ours", "compare")
+SIDES = ("official-torch", "official-paddle", "ours", "ours-paddle", "compare")
 
 
 def run_side(side: str, work: Path, names: list[str]) -> int:
