@@ -117,3 +117,16 @@ _ENVS = _scorer_envs()
 def serve(session: nox.Session, scorer: str) -> None:
     """A scorer with a conflicting stack, in its own pinned environment, behind the scorer server."""
     _ENVS.serve_session(session, scorer)
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Our scorers against the official packages on the same random weights: ``-- [--only hps,ocr] [--work DIR] [--full]``.
+
+    Not in the default run. Builds (once) two official environments under .nox/parity-envs/ (torch 2.14 +
+    image-reward, hpsv2, open_clip, openai clip, mmdet 3.3; PaddleOCR 2.9.1) and prints one table row per compared
+    quantity (docs/scorers/parity.md). ``--full`` uses the released architectures (ViT-H-14, ViT-L/14): slow.
+    """
+    session.install(TORCH)
+    session.install("-e", ".[geneval,preference,hps,ocr]")
+    _ENVS.parity_session(session, ROOT)

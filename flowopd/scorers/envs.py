@@ -47,6 +47,7 @@ class ScorerEnv:
         options: default scorer options passed as ``--option key=value`` (the command line can add more).
         needs_remote_code: the checkpoint ships its own modelling code; the session refuses to start unless the
             user passes ``--trust-remote-code`` after ``--`` (never implied on the user's behalf).
+        port: the loopback port the server listens on by default (the official engines' clients look there).
         source: where the pins come from.
     """
 
@@ -56,6 +57,7 @@ class ScorerEnv:
     build_env: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     needs_remote_code: bool = False
+    port: int | None = None
     source: str = ""
 
 
@@ -102,6 +104,38 @@ SCORER_ENVS: dict[str, ScorerEnv] = {
         source="djghosh13/geneval README ('mim install mmdet==2.27.0') and environment.yml (mmcv-full==1.7.1, "
         "transformers==4.36.1, huggingface_hub==0.19.4)",
     ),
+    # The official packages behind engine="official" (flowopd.scorers.official): each serves on its own port.
+    "imagereward-official": ScorerEnv(
+        scorer="imagereward",
+        requirements=(
+            "torch==2.14.1",  # the pair measured with these packages (docs/scorers/parity.md)
+            "torchvision==0.29.1",
+            "image-reward==1.5",
+            "transformers<4.47",  # BLIP's med.py imports names that transformers 4.47+ moved
+            "timm==0.6.13",  # image-reward's pin
+            "openai-clip==1.0.1",  # imported by the package, not declared
+            "setuptools<81",  # openai-clip imports pkg_resources
+            "fairscale==0.4.13",
+        ),
+        options={"engine": "official"},
+        port=8771,
+        source="THUDM/ImageReward README (pip install image-reward); pins measured in docs/scorers/parity.md",
+    ),
+    "hps-official": ScorerEnv(
+        scorer="hps",
+        requirements=("torch==2.14.1", "torchvision==0.29.1", "hpsv2==1.2.0", "open_clip_torch==2.32.0", "timm==0.6.13",
+                      "ftfy"),
+        options={"engine": "official"},
+        port=8772,
+        source="tgxs002/HPSv2 README (pip install hpsv2); open_clip_torch for the BPE file the 1.2.0 wheel lacks",
+    ),
+    "aesthetic-official": ScorerEnv(
+        scorer="aesthetic",
+        requirements=("torch==2.14.1", "torchvision==0.29.1", "openai-clip==1.0.1", "setuptools<81", "ftfy"),
+        options={"engine": "official"},
+        port=8773,
+        source="christophschuhmann/improved-aesthetic-predictor simple_inference.py (openai clip ViT-L/14)",
+    ),
     # PaddleOCR 2.x (English, no angle classifier) - the OCR reward of Flow-GRPO.
     "paddleocr": ScorerEnv(
         scorer="ocr",
@@ -109,6 +143,7 @@ SCORER_ENVS: dict[str, ScorerEnv] = {
             "torch==2.1.2",  # flowopd.scorers imports torch (the Scorer protocol's tensors)
             "paddleocr==2.9.1",
             "paddlepaddle-gpu==2.6.2",
+            "numpy==1.26.4",  # paddle 2.6 is built against numpy 1.x
             "protobuf==3.20.2",  # paddle 2.6's generated protobuf code predates protobuf 4's runtime
             "python-Levenshtein",
         ),
@@ -122,6 +157,8 @@ def server_command(name: str) -> list[str]:
     """The server command line an environment runs (before any extra arguments given after ``--``)."""
     env = SCORER_ENVS[name]
     cmd = ["python", "-m", "flowopd.scorers.server", env.scorer]
+    if env.port is not None:
+        cmd += ["--port", str(env.port)]
     for key, value in env.options.items():
         cmd += ["--option", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     return cmd
@@ -148,3 +185,103 @@ def serve_session(session: Any, name: str) -> None:
         session.install("--no-build-isolation", *env.build_requirements, env=dict(env.build_env))
     session.install("--no-deps", "-e", ".")
     session.run(*server_command(name), *session.posargs)
+
+
+# ---------------------------------------------------------------------------------------------------- parity
+
+# ``nox -s parity`` (tests/parity): the official packages in two environments, ours in the session's own.
+PARITY_PYTHON = "3.11"
+PARITY_ENVS: dict[str, tuple[str, ...]] = {
+    # one torchvision environment for every torch-based official package (5-6 GB): image-reward pins timm 0.6.13,
+    # which open_clip_torch 3.x refuses, so open_clip stays at 2.32 (the last release that accepts it)
+    "official-torch": (
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "image-reward==1.5",
+        "transformers<4.47",
+        "diffusers==0.31.0",
+        "setuptools<81",
+        "openai-clip==1.0.1",
+        "hpsv2==1.2.0",
+        "open_clip_torch==2.32.0",
+        "mmdet==3.3.0",
+        "mmengine==0.10.7",
+        "mmcv-lite==2.1.0",
+        "ftfy",
+        "safetensors",
+    ),
+    # PaddleOCR 2.9.1 as Flow-GRPO installs it (CPU paddle here), plus torch for flowopd's OCR scorer
+    "official-paddle": (
+        "paddleocr==2.9.1",
+        "paddlepaddle==2.6.2",
+        "numpy==1.26.4",
+        "python-Levenshtein",
+        "torch==2.13.0",
+        "rapidfuzz",
+        "platformdirs",
+        "tqdm",
+        "safetensors",
+    ),
+}
+# the order the sides run in: official sides write weights and inputs that ours read; compare reads everything
+PARITY_SIDES: tuple[tuple[str, str], ...] = (
+    ("official-torch", "official-torch"),
+    ("official-paddle", "official-paddle"),
+    ("ours", ""),
+    ("ours-paddle", "official-paddle"),
+    ("compare", ""),
+)
+
+
+def parse_parity_args(posargs: list[str]) -> dict[str, Any]:
+    """``nox -s parity -- [--only NAME,...] [--work DIR] [--full]``; ValueError naming a bad argument."""
+    out: dict[str, Any] = {"only": None, "work": None, "full": False}
+    args = list(posargs)
+    while args:
+        arg = args.pop(0)
+        if arg == "--full":
+            out["full"] = True
+        elif arg in ("--only", "--work"):
+            if not args:
+                raise ValueError(f"nox -s parity: {arg} needs a value")
+            out[arg[2:]] = args.pop(0)
+        else:
+            raise ValueError(f"nox -s parity: unknown argument {arg!r} (known: --only NAME,..., --work DIR, --full)")
+    return out
+
+
+def parity_session(session: Any, root: Any) -> None:
+    """Body of ``nox -s parity``: build (or reuse) the official environments, run every side, print the table.
+
+    The session's own environment is ours (flowopd with its CLIP extras); the official ones live under
+    ``.nox/parity-envs/`` and are reinstalled only when their requirements change.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    try:
+        args = parse_parity_args(list(session.posargs))
+    except ValueError as e:
+        session.error(str(e))
+    root = Path(root)
+    pythons = {}
+    for name, requirements in PARITY_ENVS.items():
+        env = root / ".nox" / "parity-envs" / name
+        marker = env / "flowopd-requirements.txt"
+        wanted = "\n".join(requirements) + "\n"
+        if not (marker.is_file() and marker.read_text() == wanted):
+            session.run(f"python{PARITY_PYTHON}", "-m", "venv", str(env), external=True)
+            session.run(str(env / "bin" / "pip"), "install", *requirements, external=True)
+            session.run(str(env / "bin" / "pip"), "install", "--no-deps", "-e", str(root), external=True)
+            marker.write_text(wanted)
+        pythons[name] = str(env / "bin" / "python")
+    work = args["work"] or tempfile.mkdtemp(prefix="flowopd-parity-")
+    only = ["--only", args["only"]] if args["only"] else []
+    env = {"PARITY_FULL": "1" if args["full"] else "0", "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
+    env = {k: v for k, v in env.items() if v}
+    script = str(root / "tests" / "parity" / "run.py")
+    for side, where in PARITY_SIDES:
+        python = pythons[where] if where else "python"
+        session.run(python, script, side, work, *only, env=env, external=bool(where))
