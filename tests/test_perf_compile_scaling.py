@@ -77,6 +77,7 @@ def test_compiled_samplers_are_timed_apart_and_match_the_eager_images(perf, one_
         (["--processes", "0,2"], "--processes must list counts >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--limit", "-3"], "--limit must be >= 1"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
     ],
 )
 def test_bad_scaling_options_are_refused(scaling, argv, message, capsys):
@@ -97,7 +98,10 @@ def test_scaling_runs_the_readme_commands_and_compares_rows(scaling, tmp_path):
         frame.to_parquet(tmp_path / run / "scores" / "mini-x.parquet")
     assert scaling.same_rows(tmp_path / "a", tmp_path / "b")  # row order and file paths do not count
     assert not scaling.same_rows(tmp_path / "a", tmp_path / "c")
-    table = scaling.render({1: {"wall_s": 10.0, "images": 20, "images_per_s": 2.0, "rows": 30, "threads": None},
-                            2: {"wall_s": 5.0, "images": 20, "images_per_s": 4.0, "rows": 30, "threads": 1}},
-                           {1: True, 2: False}, "python benchmarks/perf/eval_scaling.py", ("1.0", "2.0"))
-    assert "| 2 | 1 | 5.0 | 20 | 4.00 | 30 | 2.00 | no |" in table
+    one = [{"wall_s": 10.0, "cpu_s": 18.0, "images": 20, "rows": 30, "threads": None},
+           {"wall_s": 30.0, "cpu_s": 22.0, "images": 20, "rows": 30, "threads": None}]
+    two = [{"wall_s": 5.0, "cpu_s": 10.0, "images": 20, "rows": 30, "threads": 1}] * 2
+    measured = {1: scaling.summarise(one), 2: scaling.summarise(two)}
+    assert measured[1]["images_per_s"] == 1.0 and measured[1]["cpu_s_per_image"] == 1.0  # totals, not mean ratios
+    table = scaling.render(measured, {1: True, 2: False}, "python benchmarks/perf/eval_scaling.py", ("1.0", "2.0"))
+    assert "| 2 | 1 | 2 | 5.0 | 20 | 30 | 4.00 | 0.500 | 4.00 | no |" in table
