@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import NoReturn, TextIO, TypeVar
 
 N = TypeVar("N", int, float)
 
@@ -53,10 +54,15 @@ def run_cli(func: Callable[[], int | None], prog: str) -> int:
     """Call ``func`` and turn any exception into a short message on stderr and a non-zero exit status.
 
     Returns ``func``'s exit status (``None`` counts as 0). ``SystemExit`` (argparse's ``--help`` and usage errors)
-    passes through unchanged.
+    passes through unchanged. Warnings print as one ``warning: ...`` line each.
     """
     try:
-        return int(func() or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(func() or 0)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if debug_enabled():
             raise
@@ -71,6 +77,12 @@ def run_cli(func: Callable[[], int | None], prog: str) -> int:
             print(f"error: internal error ({type(exc).__name__}: {error_message(exc).splitlines()[0]}); "
                   f"re-run with FLOWOPD_DEBUG=1 for the traceback and report it", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """Warnings as one ``warning: ...`` line (no source line; the message names what it is about)."""
+    print(f"warning: {message}", file=file or sys.stderr)
 
 
 class CLIParser(argparse.ArgumentParser):

@@ -25,6 +25,12 @@ def load_thresholds(path: str | Path, section: str | None, checkpoint: str) -> d
     name = section or (checkpoint if checkpoint in floors else "default")
     if name not in floors:
         raise KeyError(f"{path}: no [floors.{name!r}] section (sections: {', '.join(floors) or 'none'})")
+    if not isinstance(floors[name], dict):
+        raise ValueError(f"{path}: [floors.{name!r}] must be a table of \"benchmark/metric\" = number")
+    bad = [k for k, v in floors[name].items()
+           if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{path}: [floors.{name!r}] {bad[0]!r} must be a finite number, got {floors[name][bad[0]]!r}")
     return {k: float(v) for k, v in floors[name].items()}
 
 

@@ -1,5 +1,11 @@
 """``results.json``: one typed record of a run - metrics with intervals, scorer versions, package
-versions, the git revision and the generation settings. ``check`` and ``report`` read only this."""
+versions, the git revision and the generation settings. ``check`` and ``report`` read only this.
+
+Schema 1 grew without breaking older records: ``identity`` (the checkpoint's, flowopd.models.loading.
+checkpoint_identity) and, per benchmark, ``n_prompts_total`` (the prompts the benchmark has), ``prompts_sha256``,
+``prompts_pinned`` and ``image_matching``. Records written before them still load; :func:`coverage` then calls a
+benchmark partial when it was run with a ``limit``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -56,10 +63,11 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def new_results(checkpoint: str) -> dict[str, Any]:
+def new_results(checkpoint: str, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
         "checkpoint": checkpoint,
+        "identity": dict(identity) if identity is not None else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
         "packages": package_versions(),
@@ -82,3 +90,28 @@ def save_results(results: dict[str, Any], run_dir: Path) -> Path:
     tmp.write_text(json.dumps(results, indent=2, sort_keys=False, allow_nan=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def coverage(entry: Mapping[str, Any]) -> tuple[int, int | None]:
+    """(prompts scored, prompts the benchmark has) of one benchmark entry of results.json; the total is None in
+    records written before it was recorded."""
+    return int(entry.get("n_prompts", 0)), entry.get("n_prompts_total")
+
+
+def is_partial(entry: Mapping[str, Any]) -> bool:
+    """Whether a benchmark entry covers fewer prompts than the benchmark has (older records: run with a limit)."""
+    scored, total = coverage(entry)
+    return scored < total if total is not None else entry.get("limit") is not None
+
+
+def partial_note(entry: Mapping[str, Any]) -> str:
+    """``partial: 3 of 96 prompts`` for a partial entry (``partial: --limit 3`` for older records); else ''."""
+    if not is_partial(entry):
+        return ""
+    scored, total = coverage(entry)
+    return f"partial: {scored} of {total} prompts" if total is not None else f"partial: --limit {entry['limit']}"
+
+
+def partial_benchmarks(results: Mapping[str, Any]) -> dict[str, str]:
+    """Benchmark name -> :func:`partial_note` for every partial benchmark of a results record."""
+    return {name: partial_note(e) for name, e in sorted(results.get("benchmarks", {}).items()) if is_partial(e)}

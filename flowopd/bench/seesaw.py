@@ -109,7 +109,7 @@ def collect(points: list[Point], benchmarks: list[str], runs_root: Path, device:
     return rows
 
 
-def write_seesaw(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+def write_seesaw(rows: list[dict[str, Any]], out: Path, preset: str = "mini") -> dict[str, Path]:
     """seesaw.csv, seesaw.md and seesaw.png (one panel per benchmark, one line per run from the base)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "seesaw.csv", "md": out / "seesaw.md", "png": out / "seesaw.png"}
@@ -122,7 +122,9 @@ def write_seesaw(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
     base = {r["benchmark"]: r["value"] for r in rows if r["run"] == "base"}
     keys = list(dict.fromkeys((r["run"], r["iteration"]) for r in rows))
     cell = {(r["run"], r["iteration"], r["benchmark"]): r for r in rows}
-    lines = ["# Seesaw: each benchmark along each GRPO run's training", "",
+    from flowopd.bench.report import SCALE_TITLES
+
+    lines = [f"# Seesaw: each benchmark along each GRPO run's training - {SCALE_TITLES[preset]}", "",
              "Score (change from the base); 95% prompt-bootstrap interval in brackets.", "",
              "| run | iteration | " + " | ".join(LABELS.get(b, b) for b in benchmarks) + " |",
              "|---|---:|" + "---:|" * len(benchmarks)]
@@ -180,4 +182,4 @@ def seesaw(
 ) -> dict[str, Path]:
     points = plan(preset, config, retrain)
     rows = collect(points, BENCHMARKS[preset], runs_root / preset / "seesaw", device)
-    return write_seesaw(rows, out)
+    return write_seesaw(rows, out, preset)

@@ -109,6 +109,8 @@ def _check_value(where: str, key: str, value: Any, hint: Any) -> Any:
     """``value`` converted to the field's type (TOML list -> tuple, int -> float), or SpecError naming it."""
     origin = get_origin(hint)
     if origin in (Union, UnionType):
+        if value is None and type(None) in get_args(hint):
+            return None  # unset (TOML has no null: only a caller's override or the default gives None)
         options = [a for a in get_args(hint) if a is not type(None)]
         return _check_value(where, key, value, options[0])
     bad = SpecError(f"{where}: {key} must be {_type_name(hint)}, got {value!r}")
@@ -208,7 +210,7 @@ def parse_spec(data: dict[str, Any], source: str = "<memory>") -> BenchmarkSpec:
 
     top = _build(BenchmarkSpec, data, source, skip=("source",))
     top["prompts"] = PromptSetSpec(**_build(PromptSetSpec, data["prompts"], f"{source} [prompts]"))
-    top["generation"] = GenerationSpec(**_build(GenerationSpec, data.get("generation", {}), f"{source} [generation]"))
+    top["generation"] = generation_spec(data.get("generation", {}), f"{source} [generation]")
     _check_prompts(top["prompts"], f"{source} [prompts]")
     spec = BenchmarkSpec(**top, source=source)
     if not _NAME.match(spec.name):
@@ -229,6 +231,12 @@ def parse_spec(data: dict[str, Any], source: str = "<memory>") -> BenchmarkSpec:
     if spec.images_from == spec.name:
         raise SpecError(f"{source}: images_from names the benchmark itself")
     return spec
+
+
+def generation_spec(values: dict[str, Any], where: str) -> GenerationSpec:
+    """A GenerationSpec from ``values`` (a spec's [generation] merged with a caller's overrides), checked as a
+    spec file's is: ``where`` names the origin in messages."""
+    return GenerationSpec(**_build(GenerationSpec, values, where))
 
 
 def load_spec_file(path: str | Path) -> BenchmarkSpec:

@@ -8,6 +8,7 @@ sessions ``table1``, ``table2``, ``table3`` call it.
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,10 @@ def reproduce(
     device: str = "cpu",
     batch_size: int = 32,
     limit: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Path]:
+    """Evaluate every row of table ``name`` at ``preset`` (logging each row and its progress) and write the
+    report to ``out/<name>``; returns the report's paths."""
     table = load_table(name)
     if preset == "mini" and (retrain_missing or retrain_all):
         retrain(table, preset, force=retrain_all)
@@ -117,11 +121,14 @@ def reproduce(
             f"{name}: missing checkpoints for {', '.join(missing)}; run with --retrain to train them"
         )
     benchmarks = table_benchmarks(table, preset)
-    run_dirs = []
-    for label, checkpoint in pairs:
+    run_dirs, labels = [], []
+    t0 = time.perf_counter()
+    for i, (label, checkpoint) in enumerate(pairs, 1):
         run_dir = runs / preset / run_name(checkpoint)
-        print(f"[{name}] {label}: {checkpoint}")
-        evaluate(checkpoint, benchmarks, out=run_dir, device=device, batch_size=batch_size, limit=limit,
-                 progress=False, log=lambda _: None)
+        print(f"[{name}] {i}/{len(pairs)} {label}: {checkpoint} ({', '.join(benchmarks)}) -> {run_dir}", flush=True)
+        results = evaluate(checkpoint, benchmarks, out=run_dir, device=device, batch_size=batch_size, limit=limit,
+                           progress=progress, log=lambda m: print(f"[{name}]   {m}", flush=True))
         run_dirs.append(run_dir)
-    return write_report(run_dirs, out / name, table_name=name, scale=preset)
+        labels.append(results["checkpoint"])
+        print(f"[{name}] {i}/{len(pairs)} done ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+    return write_report(run_dirs, out / name, table_name=name, scale=preset, checkpoints=labels)
