@@ -6,8 +6,9 @@ missing sample (an unscored image) are made whole and dealt round-robin, batch `
 ``j % world_size``, and only their missing members are written. Every image is therefore made in the same batch,
 from the same per-sample seeds, as in one uninterrupted process, so the images and the per-sample rows depend
 neither on the process count nor on where an earlier run was killed (a batch's floating-point results depend on
-its size and members, on CPU and GPU alike; on CPU also on the threads per process: compare runs at equal
-threads per process). A killed run costs at most the batches each process had begun.
+its size and members: on CPU the mini model moved a few pixels by 1/255 between batch sizes, and also between 1
+and 2 threads, so compare runs at equal threads per process). A killed run costs at most the batches each
+process had begun.
 
 Rank 0 alone decides (which samples are missing, whether the cached rows are complete), writes the shared files
 (``generation.json``, prompt metadata, the merged row table, ``results.json``) and broadcasts its decision, or
@@ -97,8 +98,8 @@ SINGLE = Shard()
 
 def pending_batches(items: Sequence[T], size: int, pending: Collection[T]) -> list[Sequence[T]]:
     """The batches of ``size`` that a fresh single-process run cuts from ``items``, those that hold a ``pending``
-    item. A batch is always made whole, so that its items come out as in a fresh run whatever was done before (on
-    CPU and GPU alike a batch's numbers depend on its size and members); only its pending items are kept."""
+    item. A batch is always made whole, so that its items come out as in a fresh run whatever was done before (a
+    batch's numbers depend on its size and members); only its pending items are kept."""
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")
     cut = (items[start : start + size] for start in range(0, len(items), size))
