@@ -354,6 +354,11 @@ def test_partial_run_is_labelled_partial_in_every_table(capsys, made, tmp_path):
     assert "(partial 3/32)" in html
     csv = __import__("pandas").read_csv(tmp_path / "r" / "report.csv")
     assert csv["partial"].all() and set(csv["n_prompts_total"]) == {32}
+    code, out, _ = run(capsys, "compare", str(made), str(made), "--n-boot", "20")
+    assert code == 0 and "A mini-ocr: partial: 3 of 32 prompts" in out and "B mini-ocr: partial" in out
+    code, out, _ = run(capsys, "evaluate", "mini:base", "--benchmarks", "mini-ocr", "--limit", "3", "--steps", "2",
+                       "--out", str(made), "--no-progress")  # all cached: the printed table says partial too
+    assert code == 0 and "| mini-ocr (partial: 3 of 32 prompts) | mean |" in out
 
 
 # ---------------------------------------------------------------- check

@@ -182,6 +182,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         rows.append(compare_combined(res_a, res_b, weights, label=f"{table}:{label}", n_boot=args.n_boot))
     name_a, name_b = res_a["checkpoint"], res_b["checkpoint"]
     print(markdown_comparison(rows, name_a, name_b, args.n_boot))
+    from flowopd.bench.results import partial_benchmarks
+
+    compared = {row["benchmark"] for row in rows if "benchmark" in row}
+    for side, res in (("A", res_a), ("B", res_b)):  # a comparison on a few prompts says so, as every table does
+        for bench, note in partial_benchmarks(res).items():
+            if bench in compared:
+                print(f"{side} {bench}: {note} (the difference is over these prompts only)")
     if args.out:
         paths = write_comparison(rows, name_a, name_b, args.out, args.n_boot)
         print("written: " + ", ".join(str(p) for p in paths.values()))
