@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from flowopd.bench.cli import main as bench_main
 from flowopd.bench.report import load_table
@@ -39,7 +41,7 @@ def test_retrain_runs_only_the_missing_rows_recipe(tmp_path):
     src = tmp_path / "run" / "checkpoints" / "iteration-000002" / "adapter"
     src.mkdir(parents=True)
     (src / "adapter_config.json").write_text("{}")
-    (src / "adapter_model.safetensors").write_bytes(b"w")
+    save_file({"w": torch.zeros(1)}, str(src / "adapter_model.safetensors"))  # publish checks the file is whole
     present = tmp_path / "present"
     present.mkdir()
     (present / "adapter_config.json").write_text('{"kept": true}')
@@ -49,12 +51,12 @@ def test_retrain_runs_only_the_missing_rows_recipe(tmp_path):
         {"label": "missing", "run": {"mini": str(missing)}, "recipe": {"mini": [f"publish {tmp_path / 'run'} {missing}"]}},
     ]}
     retrain(table, "mini")
-    assert (missing / "adapter_model.safetensors").read_bytes() == b"w"
+    assert (missing / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
     assert (present / "adapter_config.json").read_text() == '{"kept": true}'  # not retrained
     retrain(table, "mini", force=True)
     assert (present / "adapter_config.json").read_text() == "{}"
     table["rows"][1]["recipe"]["mini"] = [f"publish {tmp_path / 'nothing'} {tmp_path / 'x'}"]
-    with pytest.raises(RuntimeError, match="failed with exit code 1"):
+    with pytest.raises(RuntimeError, match="failed with exit code 2"):
         retrain(table, "mini", force=True)
 
 
