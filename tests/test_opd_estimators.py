@@ -191,7 +191,7 @@ def test_the_warning_reaches_the_log_at_start_up(caplog, monkeypatch):
     def stop(*_args, **_kwargs):
         raise Stop
 
-    monkeypatch.setattr(opd, "PromptSampler", stop)  # right after the start-up checks
+    monkeypatch.setattr(opd, "trained_positions", stop)  # right after the start-up checks, before accelerate
     config = load_config(OPDConfig, None, ["teachers.geneval=x", "mode=kl_only", "cpu=true"])
     with caplog.at_level(logging.WARNING, logger="flowopd.train.opd"), pytest.raises(Stop):
         opd.train(config)

@@ -64,6 +64,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -536,7 +537,7 @@ def _train(
         importlib.import_module(module)
     check_config(config)
     warning = zero_gradient_warning(config)
-    if warning and PartialState(cpu=config.cpu).is_main_process:
+    if warning and os.environ.get("RANK", "0") == "0":  # once per launch (torchrun / accelerate set RANK)
         logger.warning(warning)
     n_train = len(trained_positions(config.num_steps, config.sde_window_size or config.num_steps,
                                     config.timestep_fraction, config.sde_window_size > 0))
