@@ -129,8 +129,7 @@ class ScorerServer(HTTPServer):
         allowed_hosts: extra names the ``Host`` header may carry (a DNS name of this machine, a proxy's name).
     """
 
-    # HTTP/1.0 handlers: one request per connection, so a worker is free again after each answer.
-    allow_reuse_address = True
+    allow_reuse_address = True  # a restarted server can rebind its port while old connections linger
 
     def __init__(
         self,
@@ -174,7 +173,7 @@ class ScorerServer(HTTPServer):
             return None
         names = set(LOOPBACK_NAMES) | {host.lower()} | {host_name(h) for h in extra}
         if not is_loopback(host):
-            names |= {host.lower(), socket.gethostname().lower(), socket.getfqdn().lower()}
+            names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
         return frozenset(names)
 
     @property
@@ -227,6 +226,7 @@ class ScorerServer(HTTPServer):
             self.shutdown_request(request)
 
     def _work(self, connections: queue.Queue, handler: type[BaseHTTPRequestHandler]) -> None:
+        # HTTP/1.0 handlers: one request per connection, so the worker is free again after each answer
         while (item := connections.get()) is not None:
             request, client_address = item
             try:
