@@ -60,7 +60,6 @@ transformer built from SD3.5-M's config on the meta device). It is logged at sta
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import math
@@ -101,6 +100,7 @@ from flowopd.train.grpo import (
     describe_fields,
     end_iteration,
     has_reward,
+    import_modules,
     load_checkpoint,
     micro_batches,
     plan_iteration,
@@ -533,8 +533,7 @@ def _train(
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
-    for module in config.imports:
-        importlib.import_module(module)
+    import_modules(config.imports)
     check_config(config)
     warning = zero_gradient_warning(config)
     if warning and os.environ.get("RANK", "0") == "0":  # once per launch (torchrun / accelerate set RANK)

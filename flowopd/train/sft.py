@@ -27,7 +27,6 @@ is our default.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
@@ -60,6 +59,7 @@ from flowopd.train.grpo import (
     describe_fields,
     end_iteration,
     has_reward,
+    import_modules,
     load_checkpoint,
 )
 from flowopd.train.grpo import _help as _field
@@ -79,7 +79,8 @@ class SFTConfig:
     output_dir: str = _field("runs/sft", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
     seed: int = _field(42, "Seeds prompts, data noise, (t, eps) draws and the adapter init.")
     resume: str = _field("", "'' fresh; 'latest' (newest checkpoint in output_dir, fresh if none); or a directory.")
-    imports: list[str] = _field([], "Modules imported first, so that they can register scorers.")
+    imports: list[str] = _field([], "Modules imported first, so that they can register scorers and prompt samplers. "
+                                "Importing runs their code, like a Python file of yours.")
     mixed_precision: str = _field("bf16", "'no', 'bf16' or 'fp16' for the frozen base (the adapter stays float32).")
     allow_tf32: bool = _field(True, "TF32 matmuls on Ampere+ GPUs.")
     cpu: bool = _field(False, "Run on CPU even when a GPU is present.")
@@ -304,8 +305,7 @@ def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
-    for module in config.imports:
-        importlib.import_module(module)
+    import_modules(config.imports)
     world = PartialState(cpu=config.cpu).num_processes
     n_micro, accumulation = check_config(config, world)
     if config.mixed_precision not in ("no", "bf16", "fp16"):
