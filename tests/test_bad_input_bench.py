@@ -6,6 +6,7 @@ report, check, list, compare, serve, the error boundary. docs/reliability.md cou
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,20 @@ from flowopd.bench.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"steps": 2}
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_log_handlers():
+    """Handlers made during a test write to its captured stderr, closed after it (``serve`` configures logging;
+    transformers and diffusers add their handler on first import): later tests must not log into that stream."""
+    loggers = [logging.getLogger(name) for name in ("", "transformers", "diffusers")]
+    before = [(lg.handlers[:], lg.level) for lg in loggers]
+    yield
+    for lg, (handlers, level) in zip(loggers, before):
+        for handler in lg.handlers[:]:
+            if handler not in handlers:
+                lg.removeHandler(handler)
+        lg.setLevel(level)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
