@@ -78,6 +78,7 @@ def test_compiled_samplers_are_timed_apart_and_match_the_eager_images(perf, one_
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--limit", "-3"], "--limit must be >= 1"),
         (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_bad_scaling_options_are_refused(scaling, argv, message, capsys):

@@ -46,10 +46,13 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_once(processes: int, evaluate_args: Sequence[str], out: Path) -> dict[str, float]:
-    """Run one evaluation into ``out``; wall and CPU seconds, images generated, images/s, rows scored."""
+def run_once(processes: int, evaluate_args: Sequence[str], out: Path, threads: int | None = None) -> dict[str, float]:
+    """Run one evaluation into ``out`` (``threads`` per process; default: torch's for 1 process, cores // N for N);
+    wall and CPU seconds, images generated, rows scored."""
     env = dict(os.environ)
-    if processes > 1:
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    elif processes > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     cpu0, t0 = _children_cpu_s(), time.perf_counter()
     done = subprocess.run(command(processes, [*evaluate_args, "--out", str(out)]), env=env, cwd=REPO,
@@ -113,6 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/perf/eval_scaling.py", description=__doc__.splitlines()[0])
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts (default: 1,2)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each process count, taking turns")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every process (default: torch's own for "
+                        "1 process, CPU cores // N for N)")
     parser.add_argument("--checkpoint", default="mini:base")
     parser.add_argument("--benchmarks", help="comma-separated (default: every mini benchmark)")
     parser.add_argument("--limit", type=int, help="first N prompts of each benchmark")
@@ -126,7 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--processes expects comma-separated integers, got {args.processes!r}")
     if not args.process_counts or min(args.process_counts) < 1:
         parser.error(f"--processes must list counts >= 1, got {args.processes!r}")
-    for name in ("repeats", "limit", "batch_size"):
+    for name in ("repeats", "threads", "limit", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.command = shlex.join(["python", "benchmarks/perf/eval_scaling.py", *(sys.argv[1:] if argv is None else argv)])
@@ -147,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in range(args.repeats):
             for n in counts[r % len(counts) :] + counts[: r % len(counts)]:
                 shutil.rmtree(outs[n], ignore_errors=True)  # a fresh run each time: nothing cached
-                runs[n].append(run_once(n, evaluate_args, outs[n]))
+                runs[n].append(run_once(n, evaluate_args, outs[n], args.threads))
                 print(f"[eval_scaling] {n} process(es): {runs[n][-1]['images'] / runs[n][-1]['wall_s']:.2f} "
                       f"images/s", file=sys.stderr)
         measured = {n: summarise(runs[n]) for n in counts}
