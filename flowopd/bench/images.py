@@ -124,6 +124,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
+def _summarised(key: Mapping[str, Any]) -> dict[str, Any]:
+    """An image-set key with its checkpoint identity as one comparable string (a difference reads as two models,
+    not as a list of weight files)."""
+    from flowopd.models.loading import identity_summary  # loading imports diffusers: only when comparing
+
+    return {**key, "identity": identity_summary(dict(key.get("identity") or {}))}
+
+
 def check_image_set(root: Path, key: Mapping[str, Any]) -> None:
     """Refuse to mix images of another key into ``root``; record ``key`` there.
 
@@ -142,12 +150,8 @@ def check_image_set(root: Path, key: Mapping[str, Any]) -> None:
                 f"{root}: images made before image sets recorded what made them (no checkpoint identity in "
                 f"{path.name}); they cannot be attributed to {new_label}: pass a new --out directory, or delete "
                 f"{root} to regenerate them (their scores are re-made too)")
-        from flowopd.models.loading import identity_summary
-
-        def view(k: Mapping[str, Any]) -> dict[str, Any]:
-            return {**k, "identity": identity_summary(dict(k.get("identity") or {}))}
-
-        changed = key_differences(view(old), view(key), ignore=frozenset({"checkpoint", "generation.images_per_prompt"}))
+        ignore = frozenset({"checkpoint", *(f"generation.{k}" for k in _EXTENSIBLE)})
+        changed = key_differences(_summarised(old), _summarised(key), ignore=ignore)
         if changed:
             fields = ", ".join(d.split(":", 1)[0].removeprefix("generation.") for d in changed)
             raise ValueError(
