@@ -64,7 +64,7 @@ def _table(session: nox.Session, name: str) -> None:
     """``nox -s NAME -- [--preset mini|sd35m] [--retrain] [--config FILE]``: print the table beside the paper's."""
     session.log(f"{name}: installing torch and flowopd into the session's environment (minutes the first time)")
     _install(session)
-    session.log(f"{name}: evaluating each row (progress per row below); outputs in reports/out/{name}/")
+    session.log(f"{name}: evaluating each row (progress per row below); the report goes to reports/out/{name}/ unless --out")
     session.run("python", "-m", "flowopd.bench", "table", name, *session.posargs, env=_env())
 
 
