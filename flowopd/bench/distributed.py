@@ -164,13 +164,13 @@ def shard_from_env(device: str) -> tuple[Shard, str]:
 
 @contextmanager
 def launched(device: str) -> Iterator[tuple[Shard, str]]:
-    """:func:`shard_from_env` for the length of a command; leaves the process group when it ends."""
+    """:func:`shard_from_env` for the length of a command; leaves the process group it joined when it ends."""
+    import torch.distributed as dist
+
+    joined_before = dist.is_available() and dist.is_initialized()
     shard, device = shard_from_env(device)
     try:
         yield shard, device
     finally:
-        if shard.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if shard.world_size > 1 and not joined_before and dist.is_initialized():
+            dist.destroy_process_group()
