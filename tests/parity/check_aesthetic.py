@@ -59,7 +59,7 @@ def official(work: Path) -> dict:
     save_safetensors(here / "mlp.safetensors", mlp.state_dict())
     save_json(here / "open_clip_config.json", cfg)
     preprocess = clip.clip._transform(v["image_size"])
-    scores = []
+    scores, embeddings = [], []
     with torch.no_grad():
         for image in load_images(work):
             features = model.encode_image(preprocess(image)[None]).cpu().numpy()
@@ -67,7 +67,8 @@ def official(work: Path) -> dict:
             norm[norm == 0] = 1
             embedding = features / np.expand_dims(norm, -1)
             scores.append(float(mlp(torch.from_numpy(embedding).float())[0, 0]))
-    return {"scores": scores}
+            embeddings.append(embedding[0].tolist())
+    return {"scores": scores, "embeddings": embeddings}
 
 
 def ours(work: Path) -> dict:
@@ -85,7 +86,10 @@ def ours(work: Path) -> dict:
     assert not missing and not unexpected, (missing, unexpected)
     mlp = load_aesthetic_mlp(str(here / "mlp.safetensors"))
     scorer = AestheticScorer(factory=lambda: (clip_model, mlp), device="cpu")
-    return {"scores": [float(scorer.score(im).scores[0]) for im in images_tensor(work)], "version": scorer.version}
+    embeddings = []  # the head's input: the L2-normalised image embedding
+    scorer.mlp.register_forward_pre_hook(lambda module, args: embeddings.append(args[0][0].tolist()))
+    scores = [float(scorer.score(im).scores[0]) for im in images_tensor(work)]
+    return {"scores": scores, "embeddings": embeddings, "version": scorer.version}
 
 
 STEPS = {"official-torch": official, "ours": ours}
@@ -95,5 +99,9 @@ def compare(work: Path) -> list[dict]:
     o, u = load_json(work / "aesthetic" / "official-torch.json"), load_json(work / "aesthetic" / "ours.json")
     d = max_abs_diff(o["scores"], u["scores"])
     arch = "ViT-L/14" if full_size() else "ViT-L/14 layout, 2 blocks"
+    e = max_abs_diff(o["embeddings"], u["embeddings"])
     return [{"scorer": "aesthetic", "quantity": f"aesthetic score, openai clip {arch} + MLP", "n": len(o["scores"]),
-             "max_abs_diff": d, "tolerance": TOLERANCE, "ok": d <= TOLERANCE, "note": ""}]
+             "max_abs_diff": d, "tolerance": TOLERANCE, "ok": d <= TOLERANCE, "note": ""},
+            {"scorer": "aesthetic", "quantity": "normalised image embedding (head input, 768 per image)",
+             "n": len(o["embeddings"]) * len(o["embeddings"][0]), "max_abs_diff": e, "tolerance": 1e-6,
+             "ok": e <= 1e-6, "note": "unit vectors; random heads vary the score little: the embedding is the sharper test"}]

@@ -56,9 +56,11 @@ def official(work: Path) -> dict:
         os.chdir(cwd)
     perturb_(model)
     save_safetensors(here / "ImageReward.safetensors", model.state_dict())
+    features = []  # the head's input: the [CLS] text features (768 numbers per image, a sharper test than the reward)
+    model.mlp.register_forward_pre_hook(lambda module, args: features.append(args[0][0].tolist()))
     with torch.no_grad():
         scores = [float(model.score(p, str(path))) for p, path in zip(PROMPTS, make_images(work))]
-    return {"scores": scores, "package": "image-reward " + _version("image-reward")}
+    return {"scores": scores, "features": features, "package": "image-reward " + _version("image-reward")}
 
 
 def ours(work: Path) -> dict:
@@ -71,8 +73,10 @@ def ours(work: Path) -> dict:
     model = load_imagereward(str(here / "ImageReward.safetensors"), text=text)
     tokenizer = load_imagereward_tokenizer(str(here / "bert-base-uncased"))
     scorer = ImageRewardScorer(factory=lambda: (model, tokenizer), device="cpu")
+    features = []
+    scorer.model.head.register_forward_pre_hook(lambda module, args: features.append(args[0][0].tolist()))
     scores = [float(scorer.score(im, [p]).scores[0]) for im, p in zip(images_tensor(work), PROMPTS)]
-    return {"scores": scores, "version": scorer.version}
+    return {"scores": scores, "features": features, "version": scorer.version}
 
 
 def _version(name: str) -> str:
@@ -87,5 +91,9 @@ STEPS = {"official-torch": official, "ours": ours}
 def compare(work: Path) -> list[dict]:
     o, u = load_json(work / "imagereward" / "official-torch.json"), load_json(work / "imagereward" / "ours.json")
     d = max_abs_diff(o["scores"], u["scores"])
+    f = max_abs_diff(o["features"], u["features"])
     return [{"scorer": "imagereward", "quantity": "reward (z-scored), ViT-L/16 + 2-layer BERT", "n": len(o["scores"]),
-             "max_abs_diff": d, "tolerance": TOLERANCE, "ok": d <= TOLERANCE, "note": ""}]
+             "max_abs_diff": d, "tolerance": TOLERANCE, "ok": d <= TOLERANCE, "note": ""},
+            {"scorer": "imagereward", "quantity": "[CLS] text features (head input, 768 per image)",
+             "n": len(o["features"]) * len(o["features"][0]), "max_abs_diff": f, "tolerance": TOLERANCE,
+             "ok": f <= TOLERANCE, "note": "random heads vary the reward little: the features are the sharper test"}]
