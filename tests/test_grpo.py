@@ -215,7 +215,8 @@ def test_evaluating_a_run_directory_records_the_checkpoint_it_resolves_to(run_a,
     assert results["checkpoint"] == str(run / "checkpoints" / "iteration-000001" / "adapter")
     # the run trains on: the same command must not pass the first checkpoint's images off as the newest's
     shutil.copytree(run_a / "a" / "checkpoints" / "iteration-000002", run / "checkpoints" / "iteration-000002")
-    with pytest.raises(ValueError, match="generated with other settings \\(checkpoint\\)"):
+    with pytest.raises(ValueError, match="made with other settings \\(identity\\) by .*iteration-000001/adapter, "
+                       "not by .*iteration-000002/adapter"):
         evaluate(checkpoint=str(run), benchmarks=["test-redness"], out=out, limit=2, progress=False)
 
 
