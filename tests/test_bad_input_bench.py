@@ -322,6 +322,9 @@ MARKER = "flowopd_never_imported_marker"
     (spec_text(prompts='format = "csv"\npath = "a.csv"'), ["format must be one of jsonl, lines, python"]),
     (spec_text(prompts='format = "lines"\npath = "a.txt"\nloader = "mini-world"'), ["loader and args are for"]),
     (spec_text(description=None), ["missing key 'description'"]),
+    (spec_text(prompts='format = "python"\nloader = "mini-world"\nargs = { task = "ocr", split = "test" }\n\n'
+                       '[scorer_options]\ntrust_remote_code = true'), ["scorer_options.trust_remote_code",
+                                                                     "--trust-remote-code"]),
     ("name = [unclosed\n", ["invalid TOML"]),
 ])
 def test_bad_spec_is_refused_when_loaded_naming_file_and_field(capsys, tmp_path, monkeypatch, text, needles):

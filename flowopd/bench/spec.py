@@ -228,6 +228,10 @@ def parse_spec(data: dict[str, Any], source: str = "<memory>") -> BenchmarkSpec:
         raise SpecError(f"{source}: scale_name must be one of {', '.join(SCALE_NAMES)}, got {spec.scale_name!r}")
     if not spec.scale[0] < spec.scale[1]:
         raise SpecError(f"{source}: scale must be [low, high] with low < high, got {list(spec.scale)}")
+    if spec.scorer_options.get("trust_remote_code"):  # a spec is data: running a model's own code is the user's call
+        raise SpecError(f"{source}: scorer_options.trust_remote_code: a spec cannot turn on running a model's own "
+                        f"code; pass it where you run the scorer (python -m flowopd.bench serve SCORER "
+                        f"--trust-remote-code)")
     if spec.images_from == spec.name:
         raise SpecError(f"{source}: images_from names the benchmark itself")
     return spec
