@@ -2,6 +2,7 @@
 # The OPD estimators side by side on the mini world (issue 18): every run is training/configs/mini_opd_merge.toml
 # (merge init, MAR 0.04 toward the base, 36 iterations) with only the loss fields overridden, for each seed.
 # Usage: bash reports/mini/opd-modes/run.sh [SEED ...]   (default 42 43; two runs at a time, ~10-20 min each on 2 cores)
+#        JOBS="pathwise-s43 gkd-s42" bash reports/mini/opd-modes/run.sh   (those runs only)
 # Trains into runs/opd-modes/<name>-s<seed>, evaluates the last checkpoint into reports/mini/opd-modes/<name>-s<seed>.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -32,14 +33,15 @@ one() {  # name seed
   echo "done $tag"
 }
 mkdir -p runs/opd-modes
-jobs_=()
-for seed in "${SEEDS[@]}"; do
-  for name in "${ORDER[@]}"; do
-    # pathwise at seed 42 is the recipe itself: the published mini:opd-merge (reports/mini/opd-merge)
-    if [ "$name-s$seed" = "pathwise-s42" ]; then continue; fi
-    one "$name" "$seed" &
-    jobs_+=($!)
-    if [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-2}" ]; then wait -n; fi
-  done
+# JOBS="name-sSEED ..." runs those instead of every estimator at every seed
+if [ -z "${JOBS:-}" ]; then
+  for seed in "${SEEDS[@]}"; do for name in "${ORDER[@]}"; do JOBS="${JOBS:-} $name-s$seed"; done; done
+fi
+for job in $JOBS; do
+  name=${job%-s*} seed=${job##*-s}
+  # pathwise at seed 42 is the recipe itself: the published mini:opd-merge (reports/mini/opd-merge)
+  if [ "$job" = "pathwise-s42" ]; then continue; fi
+  one "$name" "$seed" &
+  if [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-2}" ]; then wait -n; fi
 done
 wait
