@@ -12,6 +12,8 @@ A second check reads the level straight off each interval: for a near-normal boo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -192,3 +194,18 @@ def test_the_bootstrap_seed_and_draws_are_recorded_and_reproduce_the_interval():
 def test_too_few_bootstrap_draws_are_refused():
     with pytest.raises(ValueError, match="n_boot must be at least 2, got 1"):
         aggregate(_frame(np.ones((3, 1))), "mean", n_boot=1)
+
+
+def test_compare_records_its_bootstrap_draws_and_seed(tmp_path):
+    """compare.md names the draws and the seed, and every compare.csv row carries them (issue 19, point 8)."""
+    import pandas as pd
+
+    from flowopd.bench.compare import BOOT_SEED, compare_runs, write_comparison
+
+    repo = Path(__file__).resolve().parents[1]
+    rows = compare_runs(repo / "reports/mini/grpo-pick", repo / "reports/mini/base", ["mini-pick"], n_boot=300)
+    assert rows and all((r["n_boot"], r["seed"]) == (300, BOOT_SEED) for r in rows)
+    paths = write_comparison(rows, "a", "b", tmp_path, n_boot=300)
+    assert f"300 draws, seed {BOOT_SEED}" in paths["md"].read_text()
+    frame = pd.read_csv(paths["csv"])
+    assert (frame["seed"] == BOOT_SEED).all() and (frame["n_boot"] == 300).all()

@@ -241,6 +241,10 @@ def _require_benchmarks(res_a: dict[str, Any], res_b: dict[str, Any], names: Ite
 RunArg = str | Path | dict[str, Any] | Sequence[str | Path | dict[str, Any]]
 
 
+#: seed of every paired bootstrap of ``compare`` (recorded in compare.md and compare.csv)
+BOOT_SEED = 0
+
+
 def compare_runs(
     run_a: RunArg,
     run_b: RunArg,
@@ -272,12 +276,13 @@ def compare_runs(
         rule = entry_a["aggregation"]
         group_by = get_spec(name).group_by if rule in GROUPED_RULES else ""
         values_a, values_b, diff = _paired(_scores(res_a, name), _scores(res_b, name), rule, group_by,
-                                           n_boot, 0, name)
+                                           n_boot, BOOT_SEED, name)
         for metric, m in diff.items():
             significant = bool(m.ci_low > 0 or m.ci_high < 0)  # False for NaN bounds
             rows.append({"benchmark": name, "metric": metric, "value_a": values_a[metric],
                          "value_b": values_b[metric], "diff": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high,
-                         "stderr": m.stderr, "n": m.n, "significant": significant})
+                         "stderr": m.stderr, "n": m.n, "significant": significant, "n_boot": n_boot,
+                         "seed": BOOT_SEED})
     return rows
 
 
@@ -320,7 +325,7 @@ def compare_combined(
     weights: dict[str, float],
     label: str = "combined",
     n_boot: int = 2000,
-    seed: int = 0,
+    seed: int = BOOT_SEED,
 ) -> dict[str, Any]:
     """A - B of a weighted sum of benchmark means (Table 1's Average), with a paired 95% interval.
 
@@ -381,7 +386,7 @@ def compare_combined(
     diff = bootstrap_metric(point_a - point_b, boot_a - boot_b, n_prompts)
     return {"benchmark": label, "metric": "combined", "value_a": point_a, "value_b": point_b, "diff": diff.value,
             "ci_low": diff.ci_low, "ci_high": diff.ci_high, "stderr": diff.stderr, "n": diff.n,
-            "significant": bool(diff.ci_low > 0 or diff.ci_high < 0)}
+            "significant": bool(diff.ci_low > 0 or diff.ci_high < 0), "n_boot": n_boot, "seed": seed}
 
 
 def _fmt(value: float, signed: bool = False) -> str:
@@ -394,7 +399,8 @@ def _fmt(value: float, signed: bool = False) -> str:
 def markdown_comparison(rows: Sequence[dict[str, Any]], name_a: str, name_b: str, n_boot: int = 2000) -> str:
     """The table ``compare`` prints: one line per benchmark metric, ``*`` where the interval excludes 0."""
     lines = [
-        f"A: {name_a}  vs  B: {name_b} (paired prompt bootstrap, {n_boot} draws; * = the 95% interval excludes 0)",
+        f"A: {name_a}  vs  B: {name_b} (paired prompt bootstrap, {n_boot} draws, seed {BOOT_SEED}; * = the 95% "
+        f"interval excludes 0)",
         "",
         f"| benchmark | metric | A: {name_a} | B: {name_b} | A - B [95% paired CI] | |",
         "|---|---|---|---|---|---|",
