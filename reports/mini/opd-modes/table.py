@@ -33,7 +33,9 @@ def runs_of(name: str) -> list[str]:
 
 
 def compare(runs: list[str], reference: str, out: Path) -> dict[tuple[str, str], dict[str, str]]:
-    cmd = [sys.executable, "-m", "flowopd.bench", "compare", ",".join(runs), reference, "--benchmarks",
+    # compare pools replicates side by side: the single reference run stands once per seed of the estimator
+    cmd = [sys.executable, "-m", "flowopd.bench", "compare", ",".join(runs), ",".join([reference] * len(runs)),
+           "--benchmarks",
            ",".join(BENCH), "--combined", "table1", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     with open(out / "compare.csv") as f:
