@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flowopd.bench.spec import PromptSetSpec
 from flowopd.registry import PROMPT_LOADERS, UnknownNameError
+from flowopd.specs import PromptSetSpec
 
 
 class PromptFileError(ValueError):

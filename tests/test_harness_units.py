@@ -14,10 +14,11 @@ from flowopd.bench.aggregate import aggregate
 from flowopd.bench.check import check_floors, load_thresholds
 from flowopd.bench.cli import main
 from flowopd.bench.images import CorruptImageError, load_png, sample_seed, save_png
-from flowopd.bench.spec import PromptSetSpec, all_specs, get_spec, parse_spec
+from flowopd.bench.spec import all_specs, get_spec, parse_spec
 from flowopd.data import PromptFileError, fetch_prompt_file, load_prompts
 from flowopd.registry import Registry, UnknownNameError
 from flowopd.scorers import SCORERS, ScoreBatch
+from flowopd.specs import PromptSetSpec
 
 #: validation analogues of the mini benchmarks (train-split prompts), found through FLOWOPD_BENCHMARKS_DIR
 VAL_BENCHMARKS = Path(__file__).resolve().parents[1] / "training" / "val_benchmarks"

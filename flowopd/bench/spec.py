@@ -23,22 +23,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from flowopd.registry import PROMPT_LOADERS, UnknownNameError
+from flowopd.specs import PromptSetSpec
 
 AGGREGATIONS = ("mean", "mean_of_tag_means", "per_category")
-
-
-@dataclass(frozen=True)
-class PromptSetSpec:
-    """Where prompts come from. ``path`` is relative to the data directory (MANIFEST.tsv's path)."""
-
-    format: str  # "jsonl" (GenEval metadata), "lines" (one prompt a line) or "python" (a generator)
-    path: str = ""
-    url: str = ""
-    sha256: str = ""
-    prompt_field: str = "prompt"
-    loader: str = ""  # "module:function" for format = "python"
-    args: dict[str, Any] = field(default_factory=dict)
-    category: str = ""  # a constant category for every prompt (T2I-CompBench files are one category each)
 
 
 @dataclass(frozen=True)

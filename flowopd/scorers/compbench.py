@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flowopd.bench.spec import PromptSetSpec
 from flowopd.scorers import compbench_rules as rules
 from flowopd.scorers.base import Scale, ScoreBatch, check_images, to_uint8_hwc
 from flowopd.scorers.clip_common import (
@@ -47,6 +46,7 @@ from flowopd.scorers.clip_common import (
     text_embeddings,
 )
 from flowopd.scorers.engine import engine_fields, package_version
+from flowopd.specs import PromptSetSpec
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "3d_spatial", "numeracy", "non_spatial", "complex")
 ATTRIBUTE_CATEGORIES = ("color", "shape", "texture")
