@@ -35,12 +35,16 @@ class Metric:
         return asdict(self)
 
 
-def _per_prompt(df: pd.DataFrame) -> pd.DataFrame:
+def per_prompt_sums(df: pd.DataFrame) -> pd.DataFrame:
+    """Per prompt (``index``), the ``sum`` and ``count`` of its scored (non-NaN) samples: the unit the bootstrap
+    resamples."""
     ok = df[~df["score"].isna()]
     return ok.groupby("index")["score"].agg(["sum", "count"])
 
 
-def _ratio(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def ratio_of_sums(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The sample mean of resampled prompts, ``sum(sums) / sum(counts)`` along the last axis (NaN where no
+    sample was scored)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums.sum(-1) / counts.sum(-1)
 
@@ -82,7 +86,7 @@ def aggregate(
 
     values, boots, counts = {}, {}, {}
     for name, part in strata.items():
-        per_prompt = _per_prompt(part)
+        per_prompt = per_prompt_sums(part)
         sums, cnts = per_prompt["sum"].to_numpy(), per_prompt["count"].to_numpy()
         counts[name] = int(cnts.sum())
         if len(sums) == 0:
@@ -90,7 +94,7 @@ def aggregate(
             continue
         values[name] = float(sums.sum() / cnts.sum())
         draw = rng.integers(0, len(sums), size=(n_boot, len(sums)))
-        boots[name] = _ratio(sums[draw], cnts[draw])
+        boots[name] = ratio_of_sums(sums[draw], cnts[draw])
 
     out: dict[str, Metric] = {}
     if rule == "mean":

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flowopd.bench.aggregate import Metric, _per_prompt, _ratio, bootstrap_metric
+from flowopd.bench.aggregate import Metric, bootstrap_metric, per_prompt_sums, ratio_of_sums
 from flowopd.bench.results import load_results
 from flowopd.bench.spec import get_spec
 
@@ -116,7 +116,7 @@ def _paired(
     values_a, values_b, boots_a, boots_b, counts = {}, {}, {}, {}, {}
     for name in strata_a:
         # each side is summed in its own row order, so its point value is bit-identical to aggregate()'s
-        pa, pb = _per_prompt(strata_a[name]), _per_prompt(strata_b[name])
+        pa, pb = per_prompt_sums(strata_a[name]), per_prompt_sums(strata_b[name])
         sums_a, sums_b = pa["sum"].to_numpy(), pb["sum"].to_numpy()
         cnts = pa["count"].to_numpy()  # the same prompts and counts on both sides after the paired drop
         counts[name] = int(cnts.sum())
@@ -127,8 +127,8 @@ def _paired(
         values_a[name] = float(sums_a.sum() / cnts.sum())
         values_b[name] = float(sums_b.sum() / cnts.sum())
         draw = rng.integers(0, len(cnts), size=(n_boot, len(cnts)))  # one draw of prompts for both runs
-        boots_a[name] = _ratio(sums_a[draw], cnts[draw])
-        boots_b[name] = _ratio(sums_b[draw], cnts[draw])
+        boots_a[name] = ratio_of_sums(sums_a[draw], cnts[draw])
+        boots_b[name] = ratio_of_sums(sums_b[draw], cnts[draw])
 
     if rule == "mean":
         diff = {"mean": bootstrap_metric(values_a["mean"] - values_b["mean"], boots_a["mean"] - boots_b["mean"],
@@ -313,7 +313,7 @@ def _pool_arrays(
     """Per-prompt score sums of A and B and the shared counts over the pairs scored in both, in ``prompts`` order."""
     a, b = df_a.reset_index(drop=True), df_b.reset_index(drop=True)
     keep_a, keep_b = _scored_in_both(a, b), _scored_in_both(b, a)
-    pa, pb = _per_prompt(a[keep_a]).reindex(prompts), _per_prompt(b[keep_b]).reindex(prompts)
+    pa, pb = per_prompt_sums(a[keep_a]).reindex(prompts), per_prompt_sums(b[keep_b]).reindex(prompts)
     if not np.array_equal(pa["count"].fillna(0).to_numpy(), pb["count"].fillna(0).to_numpy()):
         raise ValueError(f"{label}: the runs scored different images per prompt")
     return (pa["sum"].fillna(0).to_numpy(), pb["sum"].fillna(0).to_numpy(), pa["count"].fillna(0).to_numpy())
@@ -371,15 +371,15 @@ def compare_combined(
             _check_pairs(df_a, df_b, get_spec(m).group_by if m in grouped else "", m)
             sa, sb, cnt = _pool_arrays(df_a, df_b, prompts, m)
             if m in grouped:
-                va = float(np.nanmean([_ratio(sa[p], cnt[p]) for p in strata]))
-                vb = float(np.nanmean([_ratio(sb[p], cnt[p]) for p in strata]))
+                va = float(np.nanmean([ratio_of_sums(sa[p], cnt[p]) for p in strata]))
+                vb = float(np.nanmean([ratio_of_sums(sb[p], cnt[p]) for p in strata]))
                 with np.errstate(invalid="ignore"):
-                    ba = np.nanmean(np.stack([_ratio(sa[d], cnt[d]) for d in draws]), axis=0)
-                    bb = np.nanmean(np.stack([_ratio(sb[d], cnt[d]) for d in draws]), axis=0)
+                    ba = np.nanmean(np.stack([ratio_of_sums(sa[d], cnt[d]) for d in draws]), axis=0)
+                    bb = np.nanmean(np.stack([ratio_of_sums(sb[d], cnt[d]) for d in draws]), axis=0)
             else:
                 whole = np.concatenate(draws, axis=1)
-                va, vb = float(_ratio(sa, cnt)), float(_ratio(sb, cnt))
-                ba, bb = _ratio(sa[whole], cnt[whole]), _ratio(sb[whole], cnt[whole])
+                va, vb = float(ratio_of_sums(sa, cnt)), float(ratio_of_sums(sb, cnt))
+                ba, bb = ratio_of_sums(sa[whole], cnt[whole]), ratio_of_sums(sb[whole], cnt[whole])
             w = weights[m]
             point_a, point_b = point_a + w * va, point_b + w * vb
             boot_a, boot_b = boot_a + w * ba, boot_b + w * bb
