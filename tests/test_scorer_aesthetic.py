@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowopd.scorers.aesthetic import AestheticScorer, aesthetic_from_embeddings, load_aesthetic_mlp
-from flowopd.scorers.clip_common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, MLPHead
+from flowopd.scorers.aesthetic import AestheticScorer, aesthetic_from_embeddings
+from flowopd.scorers.clip_common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, MLPHead, load_aesthetic_mlp
 
 
 def tiny_clip_vision(seed: int = 0):

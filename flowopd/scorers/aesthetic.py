@@ -20,13 +20,12 @@ from torch import nn
 
 from flowopd.scorers.base import Scale, ScoreBatch, check_images
 from flowopd.scorers.clip_common import (
-    MLPHead,
     batches,
     clip_pixel_values,
     from_pretrained,
     image_embeddings,
     l2_normalize,
-    load_weights_file,
+    load_aesthetic_mlp,
     resolve_device,
     url_file,
 )
@@ -41,16 +40,6 @@ MLP_URL = (
     "6934dd81792f086e613a121dbce43082cb8be85e/sac%2Blogos%2Bava1-l14-linearMSE.pth"
 )
 MLP_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
-
-
-def load_aesthetic_mlp(path: str) -> MLPHead:
-    """The aesthetic head from a ``.pth`` (official ``layers.N.weight`` keys) or ``.safetensors`` file."""
-    state = load_weights_file(path)
-    mlp = MLPHead(int(state["layers.0.weight"].shape[1]) if "layers.0.weight" in state else 768)
-    missing, unexpected = mlp.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: not an aesthetic-predictor head (missing keys {missing}, unexpected {unexpected})")
-    return mlp.eval()
 
 
 def aesthetic_from_embeddings(image_embeds: torch.Tensor, mlp: nn.Module) -> torch.Tensor:

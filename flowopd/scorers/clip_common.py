@@ -289,6 +289,17 @@ def load_weights_file(path: str) -> dict[str, Any]:
         ) from e
 
 
+def load_aesthetic_mlp(path: str) -> MLPHead:
+    """The aesthetic head from a ``.pth`` (official ``layers.N.weight`` keys) or ``.safetensors`` file (here, below
+    both the port in ``aesthetic.py`` and the official engine in ``official.py``, which load the same file)."""
+    state = load_weights_file(path)
+    mlp = MLPHead(int(state["layers.0.weight"].shape[1]) if "layers.0.weight" in state else 768)
+    missing, unexpected = mlp.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not an aesthetic-predictor head (missing keys {missing}, unexpected {unexpected})")
+    return mlp.eval()
+
+
 def batches(n: int, batch_size: int) -> Iterator[slice]:
     """Consecutive slices of ``range(n)`` of at most ``batch_size`` items."""
     if batch_size < 1:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from flowopd.scorers.base import ScoreBatch, check_images, to_uint8_hwc
-from flowopd.scorers.clip_common import check_prompts, resolve_device
+from flowopd.scorers.clip_common import check_prompts, load_aesthetic_mlp, resolve_device
 from flowopd.scorers.engine import engine_fields, package_version, version_fields
 
 ENGINES = ("port", "official")
@@ -142,8 +142,6 @@ class AestheticPackage:
 
     def __init__(self, mlp_path: str, clip_model: str = "ViT-L/14", device: str | torch.device | None = None) -> None:
         import clip
-
-        from flowopd.scorers.aesthetic import load_aesthetic_mlp
 
         self.device = resolve_device(device)
         self.clip, self.preprocess = clip.load(clip_model, device=str(self.device), jit=False)

@@ -76,7 +76,8 @@ def ours(work: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import CLIPModel
 
-    from flowopd.scorers.aesthetic import AestheticScorer, load_aesthetic_mlp
+    from flowopd.scorers.aesthetic import AestheticScorer
+    from flowopd.scorers.clip_common import load_aesthetic_mlp
     from flowopd.scorers.hps import clip_config_from_open_clip, convert_open_clip_state_dict
 
     here = work / "aesthetic"
