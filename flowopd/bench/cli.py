@@ -1,7 +1,8 @@
 """``python -m flowopd.bench``: list, evaluate, report, compare, check, table, seesaw, serve.
 
 Every number is range-checked when parsed; every error ends as one or two lines and exit status 2
-(flowopd.errors.run_cli; a traceback only with FLOWOPD_DEBUG=1).
+(flowopd.errors.run_cli; a traceback only with FLOWOPD_DEBUG=1). Every subcommand takes --log-level
+(flowopd.logs): results print at every level.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from flowopd.bench.spec import BenchmarkSpec, all_specs
 from flowopd.errors import CLIParser, UserError, non_negative_float, positive_int, run_cli
+from flowopd.logs import add_log_level_argument, configure
 
 EXTRA_IMPORTS = {"ocr": ["rapidocr_onnxruntime"], "hps": [], "judge": [], "compbench": [], "deqa": []}
 
@@ -317,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=cmd_seesaw)
 
+    for p in sub.choices.values():  # serve, below, parses its own --log-level
+        add_log_level_argument(p)
     sub.add_parser("serve", help="run a scorer behind a local HTTP server (serve --help for its options)")
     return parser
 
@@ -327,6 +331,7 @@ def _dispatch(argv: list[str]) -> int:
 
         return serve_main(argv[1:], prog="python -m flowopd.bench serve")
     args = build_parser().parse_args(argv)
+    configure(args.log_level)
     if args.command in ("table", "seesaw"):
         _check_device(args.device)
     return args.func(args)

@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from flowopd.errors import CLIParser, positive_int, run_cli
+from flowopd.logs import SERVER_FORMAT, add_log_level_argument, configure
 from flowopd.scorers.base import ScoreBatch, Scorer
 from flowopd.scorers.wire import (
     MIN_TOKEN_LENGTH,
@@ -446,17 +447,19 @@ def serve(
     queue_size: int = DEFAULT_QUEUE_SIZE,
     backlog: int = DEFAULT_BACKLOG,
     allowed_hosts: Sequence[str] = (),
+    announce: Callable[[str], None] = logger.info,
 ) -> None:
     """Build the registered scorer ``scorer_name`` and serve it until SIGINT or SIGTERM (then shut down cleanly).
 
-    The settings are checked before the model is loaded. Prints ``serving '<name>' at <url>`` on stdout once
-    the socket is bound (with ``port=0`` this is how a caller learns the port).
+    The settings are checked before the model is loaded. ``announce`` gets ``serving '<name>' at <url> ...``
+    once the socket is bound (with ``port=0`` this is how a caller learns the port) and ``scorer server for
+    '<name>' at <url> shut down`` at the end; the command line prints both on stdout.
     """
     from flowopd.scorers import build_scorer
 
     check_settings(host, token)
     # the port is bound only once the model is loaded: until then clients see "connection refused" and retry
-    print(f"loading scorer {scorer_name!r} ...", flush=True)
+    logger.info("loading scorer %r ...", scorer_name)
     try:
         scorer = build_scorer(scorer_name, **dict(scorer_options or {}))
     except TypeError as e:  # an --option the constructor does not take
@@ -470,15 +473,15 @@ def serve(
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    print(f"serving {scorer.name!r} at {server.url} (max_batch={limits.max_batch}, workers={workers}, "
-          f"token {'required' if token else 'off'})", flush=True)
+    announce(f"serving {scorer.name!r} at {server.url} (max_batch={limits.max_batch}, workers={workers}, "
+             f"token {'required' if token else 'off'})")
     try:
         server.serve_forever()
     finally:
         for sig, handler in previous.items():  # a second Ctrl-C aborts the wait below
             signal.signal(sig, handler)
         server.server_close()  # waits for the requests in flight
-        print(f"scorer server for {scorer.name!r} at {server.url} shut down", flush=True)
+        announce(f"scorer server for {scorer.name!r} at {server.url} shut down")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -575,7 +578,7 @@ def build_parser(prog: str = "python -m flowopd.bench serve") -> argparse.Argume
                         help="connections waiting for a worker before 503 (default: %(default)s)")
     parser.add_argument("--backlog", type=positive_int, default=DEFAULT_BACKLOG,
                         help="listen backlog (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level_argument(parser)
     return parser
 
 
@@ -583,7 +586,7 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
     from flowopd.scorers import SCORERS
 
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    configure(args.log_level, SERVER_FORMAT, stderr_only=True)  # stdout: the announcements below
     token = read_token(args.token_file)
     check_settings(args.host, token)  # before the scorer's model is loaded
     for name, target in args.register:
@@ -593,7 +596,7 @@ def _main(argv: Sequence[str] | None, prog: str) -> int:
         options["trust_remote_code"] = True
     limits = Limits(args.max_batch, args.max_request_bytes, args.max_side, args.max_request_pixels)
     serve(args.scorer, args.host, args.port, options, limits, token, args.workers, args.queue_size, args.backlog,
-          args.allow_host)
+          args.allow_host, announce=lambda line: print(line, flush=True))
     return 0
 
 
