@@ -2,7 +2,7 @@
 
 The same function serves the CLI, the nox table sessions and periodic evaluation during training.
 What is scored is pinned down (issue 19): images are cached under the checkpoint's identity
-(flowopd.models.loading.checkpoint_identity), the prompt set's sha256 and every generation setting, scores under
+(flowopd.models.loading.Checkpoint.identity), the prompt set's sha256 and every generation setting, scores under
 those images and the spec and scorer versions, and a run directory's results under one checkpoint identity;
 results record how many prompts the benchmark has, so a partial run is labelled partial wherever it is shown.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,30 +28,24 @@ from flowopd.bench.images import (
     match_external_images,
     sample_path,
 )
-from flowopd.bench.results import load_results, new_results, save_results
+from flowopd.bench.results import git_revision, load_results, new_results, save_results
 from flowopd.bench.scoring import score_cache_key, score_images
 from flowopd.bench.spec import BenchmarkSpec, all_specs, generation_spec, get_spec
 from flowopd.data import load_prompts, prompt_set_sha256
-from flowopd.models.loading import (
-    DEFAULT_CHECKPOINT,
-    checkpoint_dir,
-    checkpoint_identity,
-    checkpoint_kind,
-    is_mini,
-    load_policy,
-    model_dir,
-)
+from flowopd.models.loading import DEFAULT_CHECKPOINT, Checkpoint, load_policy, resolve_checkpoint
 from flowopd.models.policy import Policy
 from flowopd.scorers import build_scorer
 from flowopd.scorers.base import Scorer
 from flowopd.scorers.engine import engine_record
 
+logger = logging.getLogger(__name__)
+
 SD35M_DEFAULT_BENCHMARKS = ("geneval", "ocr", "deqa", "pickscore")
 
 
-def default_benchmarks(checkpoint: str | None) -> list[str]:
+def default_benchmarks(checkpoint: Checkpoint | None) -> list[str]:
     """Every mini benchmark for mini checkpoints; Table 1's four benchmarks otherwise."""
-    if checkpoint is None or is_mini(checkpoint):
+    if checkpoint is None or checkpoint.is_mini:
         return [name for name, spec in all_specs().items() if spec.scale_name == "mini"]
     return list(SD35M_DEFAULT_BENCHMARKS)
 
@@ -96,7 +91,8 @@ def _check_counts(limit: int | None, batch_size: int | None) -> None:
 
 def _run_results(run_dir: Path, label: str, identity: Mapping[str, Any]) -> dict[str, Any]:
     """The run directory's results when they are of this checkpoint (label and identity), else a new record: a
-    results.json never mixes benchmarks scored on two different models."""
+    results.json never mixes benchmarks scored on two different models. A record re-used is re-scored by this
+    code, so it records this code's git revision."""
     try:
         results = load_results(run_dir)
     except FileNotFoundError:
@@ -105,11 +101,11 @@ def _run_results(run_dir: Path, label: str, identity: Mapping[str, Any]) -> dict
         results["identity"], identity
     ):
         return new_results(label, identity)
-    return results
+    return {**results, "git_revision": git_revision()}
 
 
 def evaluate(
-    checkpoint: str | None = None,
+    checkpoint: Checkpoint | str | None = None,
     benchmarks: Sequence[str] | None = None,
     out: str | Path | None = None,
     limit: int | None = None,
@@ -121,13 +117,14 @@ def evaluate(
     scorers: Mapping[str, Scorer] | None = None,
     generation: Mapping[str, Any] | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
     positional: bool = False,
     identity: Mapping[str, Any] | None = None,
     shard: Shard = SINGLE,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or a folder of images) on benchmarks; returns the results record.
 
+    A ``checkpoint`` string is resolved once, with ``base`` (flowopd.models.loading.resolve_checkpoint).
     ``policy`` and ``scorers`` (benchmark name -> scorer) may be injected (tests, training loops);
     ``generation`` overrides the specs' generation settings (steps, height, width, guidance_scale, ...).
     ``identity`` names what an injected policy without a ``checkpoint`` is (a training loop passes its run and
@@ -146,32 +143,34 @@ def evaluate(
         raise ValueError("--positional only applies to --images DIR")
     if images is None and checkpoint is None and policy is None:
         checkpoint = DEFAULT_CHECKPOINT
-    if checkpoint is not None and (resolved := model_dir(checkpoint)) != checkpoint_dir(checkpoint):
-        # a training run or checkpoint directory: record (and cache images under) the adapter it resolves to,
-        # so that a run that has trained further is not mistaken for the one evaluated before
-        checkpoint = str(resolved)
-    if checkpoint is not None and checkpoint.startswith(("mini:", ".", "/", "~")) and not model_dir(checkpoint).exists():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint ({model_dir(checkpoint)})")
-    if base is not None and (checkpoint is None or checkpoint_kind(checkpoint) != "lora") and (
-        checkpoint is None or model_dir(checkpoint).exists() or not checkpoint.startswith((".", "/"))
-    ):
-        raise ValueError(f"--base {base}: only a LoRA adapter checkpoint takes a base model, not {checkpoint}")
+    if isinstance(checkpoint, str):
+        checkpoint = resolve_checkpoint(checkpoint, base)
+    elif base is not None and checkpoint is None:
+        raise ValueError(f"--base {base}: only a LoRA adapter checkpoint takes a base model, not None")
+    elif base is not None:
+        raise ValueError(f"evaluate: base {base!r} goes with a CHECKPOINT string; {checkpoint.label} is resolved "
+                         f"with its base already (resolve_checkpoint(name, base))")
+    if checkpoint is not None:
+        checkpoint.check_exists()
     names = list(dict.fromkeys(benchmarks)) if benchmarks else default_benchmarks(checkpoint)
     if batch_size is None:  # the mini model is small: large batches are much faster on a CPU
-        batch_size = 64 if checkpoint is None or is_mini(checkpoint) else 8
+        batch_size = 64 if checkpoint is None or checkpoint.is_mini else 8
     specs = [_with_generation(get_spec(name), generation) for name in names]  # fail early on unknown names
-    label = checkpoint or (f"images:{images}" if images else "policy")
+    # a training run or checkpoint directory is recorded (and its images cached) under the adapter it resolves
+    # to, so that a run that has trained further is not mistaken for the one evaluated before
+    label = checkpoint.label if checkpoint is not None else (f"images:{images}" if images else "policy")
     run_dir = Path(out) if out else Path("runs") / run_name(label)
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"--out {run_dir}: a file, expected a run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     if images is None and policy is None:
-        log(f"loading {checkpoint} on {device}")
-        policy = load_policy(checkpoint, base=base, device=device)
+        log(f"loading {label} on {device}")
+        policy = load_policy(checkpoint, device=device)
     if images is not None:
         identity = {"kind": "images", "path": str(Path(images).resolve())}
     elif checkpoint is not None:
-        identity = checkpoint_identity(checkpoint, base)  # after loading: a hub model's revision is then cached
+        # after loading: a hub model's revision is then cached; hashed by rank 0 alone, the same on every process
+        identity = shard.on_main(lambda: dict(checkpoint.identity))
     elif identity is None:
         identity = {"kind": "in-process policy", "run_dir": str(run_dir.resolve())}
     results = _run_results(run_dir, label, identity)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from flowopd.bench.distributed import SINGLE, Shard, pending_batches
 from flowopd.bench.images import key_differences, load_png
 from flowopd.bench.spec import BenchmarkSpec
 from flowopd.scorers.base import ScoreBatch, Scorer
+
+logger = logging.getLogger(__name__)
 
 
 def _jsonable(value: Any) -> Any:
@@ -97,7 +100,7 @@ def score_images(
     key: Mapping[str, Any],
     batch_size: int = 16,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
     shard: Shard = SINGLE,
 ) -> pd.DataFrame:
     """Score every image in ``files`` (prompt index -> sample paths); returns one row per image. ``key``

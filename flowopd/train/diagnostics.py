@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowopd.logs import add_log_level_argument, configure
+
 CSV_NAME = "grad_cosines.csv"
 _COLUMNS = ("iteration", "task_a", "task_b", "cosine")
 
@@ -287,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run output directories (or their grad_cosines.csv / metrics.jsonl)")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: directory names)")
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
+    configure(args.log_level)
     plot = plot_gradient_cosines if args.what == "cosines" else plot_task_rewards
     print(plot(args.runs, args.out, args.labels))
     return 0

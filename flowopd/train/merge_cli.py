@@ -38,7 +38,10 @@ from typing import Any
 
 import torch
 
+from flowopd.logs import add_log_level_argument, configure
 from flowopd.train.merge import delta_weights, deltas_to_lora, factor_mean, factor_sum, merge_deltas
+
+logger = logging.getLogger(__name__)
 
 #: the public script's modes (element-wise on the factors, like factor-mean)
 PUBLIC_METHODS = ("average", "weighted", "sum")
@@ -118,7 +121,7 @@ def merge_adapters(
                              f"(r, alpha, rslora) = {sorted(shapes)}; use a delta merge (linear, ties ...)")
         if method == "sum":
             n = len(states)
-            logging.getLogger(__name__).warning(
+            logger.warning(
                 f"merge --method sum adds the factors: n = {n} equal adapters would give {n * n} x their update B A "
                 f"(use average or weighted for a mean)")
             return out, factor_sum(states)
@@ -157,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, help="rank of a delta merge's factors (default: sum of the ranks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
     parser.add_argument("--out", required=True, help="output adapter directory (or mini:NAME)")
+    add_log_level_argument(parser, default=None)  # None: python -m flowopd.train took the flag already
     args = parser.parse_args(argv)
+    configure(args.log_level)
     config, state = merge_adapters(args.adapters, args.method, args.weights, args.density, args.rank, args.seed)
     provenance = {"method": args.method, "adapters": args.adapters, "weights": args.weights,
                   "density": args.density, "rank": config["r"], "seed": args.seed}

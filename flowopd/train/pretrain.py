@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -34,6 +35,8 @@ from tqdm.auto import tqdm
 from flowopd.models.mini import MiniModelConfig, MiniPolicy, MiniTokenizer, build_mini, save_mini
 from flowopd.train.config import ConfigError, load_config, resume_changes, to_dict
 from flowopd.train.runs import CheckpointError, TrainingDivergedError, file_problem, record_resume
+
+logger = logging.getLogger(__name__)
 
 _LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "seconds")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -291,7 +294,7 @@ def _load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     rng.bit_generator.state = json.loads(state["numpy_rng"])
     generator.set_state(state["torch_rng"])
-    tqdm.write(f"resuming from {path} (step {state['step']})")
+    logger.info("resuming from %s (step %s)", path, state["step"])
     return int(state["step"]), float(state["seconds"])
 
 

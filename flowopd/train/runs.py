@@ -20,9 +20,9 @@ iteration in ``metrics.jsonl``, and a stop - not a silent NaN - when training di
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
-import sys
 import time
 import weakref
 import zipfile
@@ -34,6 +34,8 @@ import torch
 
 from flowopd.errors import UserError
 from flowopd.train.config import ConfigError, resume_changes
+
+logger = logging.getLogger(__name__)
 
 #: Fields that may differ between a run and its resume. None of them changes the model, the optimizer or the
 #: draws that the checkpoint restores; the resumed run applies them as given and ``resume_log.jsonl`` records them.
@@ -218,12 +220,13 @@ def record_resume(
     for corrupt, problem in set_aside:
         aside = _unused(corrupt.with_name(corrupt.name + ".corrupt"))
         corrupt.rename(aside)
-        _warn(f"resume: {corrupt} cannot be read ({problem}); set aside as {aside.name}, resuming from {path.name}")
+        logger.warning("resume: %s cannot be read (%s); set aside as %s, resuming from %s",
+                       corrupt, problem, aside.name, path.name)
     for key, (old, new) in changed.items():
-        _warn(f"resume: {key} = {new!r} (the checkpoint had {old!r})")
+        logger.warning("resume: %s = %r (the checkpoint had %r)", key, new, old)
     if added:
-        _warn(f"resume: {', '.join(added)} not recorded by {path} (added to the recipe since): the values given "
-              f"now apply")
+        logger.warning("resume: %s not recorded by %s (added to the recipe since): the values given now apply",
+                       ", ".join(added), path)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoint": str(path), "iteration": iteration,
               "changed": {k: list(v) for k, v in changed.items()}, "added": list(added),
@@ -258,10 +261,6 @@ def _trim_metrics(out_dir: Path, iteration: int | None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 class SkippedSteps:
