@@ -8,7 +8,7 @@ Every sample has its own seed derived from (seed, image set, prompt index, sampl
 batch of a fresh run with the same batch size, so an image depends neither on which images already exist nor on
 how many processes made them: a re-run generates only the batches with a missing sample.
 An image set holds the images of one key only - the checkpoint's identity (flowopd.models.loading.
-checkpoint_identity), the prompt set's sha256 and every generation setting; a run directory holding another
+Checkpoint.identity), the prompt set's sha256 and every generation setting; a run directory holding another
 is refused, naming both sides.
 
 Images generated elsewhere (``--images DIR``) are matched to the benchmark's prompts through each folder's
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from flowopd.bench.distributed import SINGLE, Shard, pending_batches
 from flowopd.bench.spec import GenerationSpec
+from flowopd.models.loading import identity_summary
 from flowopd.models.policy import Policy
 from flowopd.sampling import sample_ode
 
@@ -127,8 +128,6 @@ def _short(value: Any) -> str:
 def _summarised(key: Mapping[str, Any]) -> dict[str, Any]:
     """An image-set key with its checkpoint identity as one comparable string (a difference reads as two models,
     not as a list of weight files)."""
-    from flowopd.models.loading import identity_summary  # loading imports diffusers: only when comparing
-
     return {**key, "identity": identity_summary(dict(key.get("identity") or {}))}
 
 

@@ -2,7 +2,7 @@
 versions, the git revision and the generation settings. ``check`` and ``report`` read only this.
 
 Schema 1 grew without breaking older records: ``identity`` (the checkpoint's, flowopd.models.loading.
-checkpoint_identity) and, per benchmark, ``n_prompts_total`` (the prompts the benchmark has), ``prompts_sha256``,
+Checkpoint.identity) and, per benchmark, ``n_prompts_total`` (the prompts the benchmark has), ``prompts_sha256``,
 ``prompts_pinned`` and ``image_matching``. Records written before them still load; :func:`coverage` then calls a
 benchmark partial when it was run with a ``limit``.
 """
@@ -33,14 +33,23 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def git_revision() -> str | None:
-    """The project's git revision (with ``-dirty`` when the tree has changes), or None outside a checkout."""
-    root = Path(__file__).resolve().parents[2]
+#: the committed golden records live here: their changes never make a record's revision dirty
+RECORDS_DIR = "reports"
+
+
+def git_revision(root: str | Path | None = None) -> str | None:
+    """The git revision of the project (or of the checkout at ``root``), or None outside a checkout.
+
+    ``-dirty`` is appended only when tracked files outside ``reports/`` differ from it: a record regenerated there
+    does not taint the next one, while any change to code, specs or configs does (untracked files never count).
+    """
+    root = Path(__file__).resolve().parents[2] if root is None else Path(root)
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                f":(top,exclude){RECORDS_DIR}"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return rev + ("-dirty" if dirty else "")

@@ -1,16 +1,22 @@
-"""Resolve a CHECKPOINT argument to a Policy.
+"""Resolve a CHECKPOINT argument once, to a :class:`Checkpoint`, and load it as a Policy.
 
 Accepted forms: ``mini:NAME`` (a committed mini-world checkpoint or adapter under flowopd/assets/mini/),
 a mini checkpoint directory, a diffusers SD3 directory or hub id, a LoRA adapter directory (peft format)
 whose base is named by ``--base`` or by its ``adapter_config.json``, and the training outputs that hold one:
 a checkpoint ``RUN/checkpoints/iteration-N`` (its ``adapter/``) or a run directory ``RUN`` (the adapter of
 its newest checkpoint, as ``python -m flowopd.train publish`` takes it).
+
+:func:`resolve_checkpoint` reads the file system once - where the model lies, which kind it is, an adapter's base -
+and returns a frozen :class:`Checkpoint`; the evaluation harness, the image cache and :func:`load_policy` take that
+value, and its :attr:`Checkpoint.identity` is what image and score caches are keyed by (flowopd.bench.evaluate).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,8 @@ from flowopd.models.policy import Policy
 from flowopd.models.sd3 import SD35M_ID, SD3Policy, offline_hint
 
 DEFAULT_CHECKPOINT = "mini:base"
+#: how a name that can only be a local checkpoint begins (missing, it is an error, not a hub id)
+LOCAL_PREFIXES = ("mini:", ".", "/", "~")
 
 
 def checkpoint_dir(checkpoint: str) -> Path:
@@ -46,29 +54,121 @@ def model_dir(checkpoint: str) -> Path:
     return path
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; anything else is refused naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _base_of(adapter: Path, base: str | None) -> str:
+    return base or _json_object(adapter / "adapter_config.json").get("base_model_name_or_path") or SD35M_ID
+
+
 def adapter_base(checkpoint: str, base: str | None = None) -> str:
-    """The base model of a LoRA adapter checkpoint."""
-    config = json.loads((model_dir(checkpoint) / "adapter_config.json").read_text())
-    return base or config.get("base_model_name_or_path") or SD35M_ID
+    """The base model of a LoRA adapter checkpoint string (a resolved one carries it: ``Checkpoint.base``)."""
+    return _base_of(model_dir(checkpoint), base)
 
 
-def checkpoint_kind(checkpoint: str) -> str:
-    """One of ``mini``, ``sd3``, ``lora``."""
-    path = model_dir(checkpoint)
+@dataclass(frozen=True)
+class Checkpoint:
+    """A CHECKPOINT argument resolved once (:func:`resolve_checkpoint`); pass this value down, not the string.
+
+    Attributes:
+        name: the argument as given (``mini:base``, a directory, a hub id).
+        label: what results.json and image sets record it as: ``name``, or for a training run or checkpoint
+            directory the adapter directory it resolves to (a run that trains on is then not taken for the one
+            evaluated before).
+        kind: ``mini`` (a mini-world model), ``sd3`` (a diffusers directory or hub id) or ``lora`` (a peft adapter).
+        path: the directory of the model or adapter; for a hub id the id as a path, which does not exist.
+        base: an adapter's base model (``--base``, else its adapter_config.json, else SD3.5-M), itself resolved.
+        named_local: ``name`` can only be a local checkpoint (:data:`LOCAL_PREFIXES`), never a hub id.
+    """
+
+    name: str
+    label: str
+    kind: str
+    path: Path
+    base: Checkpoint | None = None
+    named_local: bool = False
+
+    @property
+    def adapter(self) -> Path | None:
+        """The peft adapter directory of a ``lora`` checkpoint, else None."""
+        return self.path if self.kind == "lora" else None
+
+    @property
+    def is_mini(self) -> bool:
+        """Whether it belongs to the mini world (directly, or as an adapter on a mini base)."""
+        return self.kind == "mini" or (self.base is not None and self.base.is_mini)
+
+    @property
+    def hub_id(self) -> str | None:
+        """The hub id it names when it is no local directory (and is not named as one), else None."""
+        return None if self.named_local or self.path.exists() else self.name
+
+    def check_exists(self) -> None:
+        """Refuse a checkpoint named as local (``mini:NAME``, a path) that is not there."""
+        if self.named_local and not self.path.exists():
+            raise FileNotFoundError(f"{self.label}: no such checkpoint ({self.path})")
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """What it evaluates, computed on first use (it hashes files): a hub model by its id and the revision in the
+        local Hugging Face cache (read it after loading the model, which caches that revision); a local model or
+        adapter by the fingerprints of its model files (:func:`file_fingerprint`), an adapter together with its
+        base's identity. Image and score caches are keyed by it (flowopd.bench.evaluate), so two checkpoints that
+        differ in any weight never share images, whatever they are called. Callers copy it before changing it."""
+        self.check_exists()
+        if self.hub_id is not None:
+            return {"kind": "hub", "id": self.hub_id, "revision": _hub_revision(self.hub_id) or "unresolved"}
+        path = self.path
+        if path.is_file():
+            raise ValueError(f"{self.label}: a file; a checkpoint is a directory (model, adapter or training run)")
+        files = {
+            str(f.relative_to(path)): file_fingerprint(f)
+            for f in sorted(path.rglob("*"))
+            if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES
+            and not any(p.startswith(".") for p in f.relative_to(path).parts)
+        }
+        if not files:
+            raise FileNotFoundError(f"{self.label}: {path} holds no model files ({', '.join(MODEL_FILE_SUFFIXES)})")
+        identity: dict[str, Any] = {"kind": "local", "path": str(path.resolve()), "files": files}
+        if self.base is not None:
+            identity["base"] = self.base.identity
+        return identity
+
+
+def resolve_checkpoint(name: str, base: str | None = None) -> Checkpoint:
+    """Resolve a CHECKPOINT argument (the forms of this module's docstring) and an adapter's ``--base``, once.
+
+    Refused, naming the argument: an empty name, a training run directory without checkpoints, ``base`` for a
+    checkpoint that is no adapter, an adapter_config.json (or a mini config.json) that is not a JSON object. A
+    local name that is not there resolves (a loader then says what it looked for); :meth:`Checkpoint.check_exists`
+    and :attr:`Checkpoint.identity` refuse it.
+    """
+    if not name:
+        raise ValueError("CHECKPOINT '': empty; pass mini:NAME, a model, adapter or run directory, or a hub id")
+    path = model_dir(name)
+    label = name if path == checkpoint_dir(name) else str(path)
+    named_local = label.startswith(LOCAL_PREFIXES)
     if (path / "adapter_config.json").is_file():
-        return "lora"
-    if checkpoint.startswith("mini:"):
-        return "mini"
-    config = path / "config.json"
-    if config.is_file() and str(json.loads(config.read_text()).get("format", "")).startswith("flowopd-mini"):
-        return "mini"
-    return "sd3"  # a diffusers directory or a hub id
-
-
-def is_mini(checkpoint: str, base: str | None = None) -> bool:
-    """Whether a checkpoint belongs to the mini world (directly, or as an adapter on a mini base)."""
-    kind = checkpoint_kind(checkpoint)
-    return kind == "mini" or (kind == "lora" and checkpoint_kind(adapter_base(checkpoint, base)) == "mini")
+        kind = "lora"
+    elif label.startswith("mini:") or (
+        (path / "config.json").is_file()
+        and str(_json_object(path / "config.json").get("format", "")).startswith("flowopd-mini")
+    ):
+        kind = "mini"
+    else:
+        kind = "sd3"  # a diffusers directory or a hub id
+    if base is not None and kind != "lora" and not (named_local and not path.exists()):
+        raise ValueError(f"--base {base}: only a LoRA adapter checkpoint takes a base model, not {label}")
+    resolved_base = resolve_checkpoint(_base_of(path, base)) if kind == "lora" else None
+    return Checkpoint(name=name, label=label, kind=kind, path=path, base=resolved_base, named_local=named_local)
 
 
 #: files up to this size are hashed in full (every adapter, the mini models); larger ones by size, mtime and a
@@ -103,32 +203,6 @@ def _hub_revision(model_id: str) -> str | None:
     return None
 
 
-def checkpoint_identity(checkpoint: str, base: str | None = None) -> dict[str, Any]:
-    """What a CHECKPOINT argument evaluates, cheaply: a hub model by its id and resolved revision; a local model
-    or adapter (``mini:NAME``, a directory, a run or training checkpoint resolved by :func:`model_dir`) by the
-    fingerprints of its model files (:func:`file_fingerprint`), an adapter together with its base's identity.
-    Image and score caches are keyed by it (flowopd.bench.evaluate), so two checkpoints that differ in any weight
-    never share images, whatever they are called."""
-    path = model_dir(checkpoint)
-    if not path.exists():
-        if checkpoint.startswith("mini:") or checkpoint.startswith((".", "/")):
-            raise FileNotFoundError(f"{checkpoint}: no such checkpoint ({path})")
-        return {"kind": "hub", "id": checkpoint, "revision": _hub_revision(checkpoint) or "unresolved"}
-    if path.is_file():
-        raise ValueError(f"{checkpoint}: a file; a checkpoint is a directory (model, adapter or training run)")
-    files = {
-        str(f.relative_to(path)): file_fingerprint(f)
-        for f in sorted(path.rglob("*"))
-        if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES and not any(p.startswith(".") for p in f.relative_to(path).parts)
-    }
-    if not files:
-        raise FileNotFoundError(f"{checkpoint}: {path} holds no model files ({', '.join(MODEL_FILE_SUFFIXES)})")
-    identity: dict[str, Any] = {"kind": "local", "path": str(path.resolve()), "files": files}
-    if checkpoint_kind(checkpoint) == "lora":
-        identity["base"] = checkpoint_identity(adapter_base(checkpoint, base))
-    return identity
-
-
 def identity_summary(identity: dict[str, Any]) -> str:
     """A short, comparable description of a checkpoint identity: what it is and a digest of everything in it but
     paths (a copied model is the same model), e.g. ``local weights 3f2a9c01d4e7``, ``hub org/model@<commit>``."""
@@ -146,27 +220,27 @@ def identity_summary(identity: dict[str, Any]) -> str:
 
 
 def load_policy(
-    checkpoint: str,
-    base: str | None = None,
+    checkpoint: Checkpoint | str,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Policy:
-    kind = checkpoint_kind(checkpoint)
-    if kind == "mini":
+    """The Policy of a resolved checkpoint; a string (the trainers' ``model``) is resolved here, once."""
+    if isinstance(checkpoint, str):
+        checkpoint = resolve_checkpoint(checkpoint)
+    if checkpoint.kind == "mini":
         from flowopd.models.mini import load_mini
 
-        return load_mini(checkpoint, device=device)
-    if kind == "sd3":
-        return SD3Policy.from_pretrained(checkpoint, device=device, dtype=dtype)
-    base_name = adapter_base(checkpoint, base)
-    policy = load_policy(base_name, device=device, dtype=dtype)
+        return load_mini(checkpoint.path, device=device)
+    if checkpoint.base is None:  # sd3: a diffusers directory or a hub id (every adapter has a base)
+        return SD3Policy.from_pretrained(checkpoint.label, device=device, dtype=dtype)
+    policy = load_policy(checkpoint.base, device=device, dtype=dtype)
     target = policy.transformer if isinstance(policy, SD3Policy) else policy.net
     from peft import PeftModel
 
     try:
-        merged = PeftModel.from_pretrained(target, str(model_dir(checkpoint))).merge_and_unload()
+        merged = PeftModel.from_pretrained(target, str(checkpoint.path)).merge_and_unload()
     except (OSError, ValueError) as e:
-        raise offline_hint(checkpoint, e) from None
+        raise offline_hint(checkpoint.label, e) from None
     if isinstance(policy, SD3Policy):
         policy.pipe.transformer = policy.transformer = merged.eval()
     else:
