@@ -65,7 +65,7 @@ def _table(session: nox.Session, name: str) -> None:
     session.log(f"{name}: installing torch and flowopd into the session's environment (minutes the first time)")
     _install(session)
     session.log(f"{name}: evaluating each row (progress per row below); the report goes to reports/out/{name}/ unless --out")
-    session.run("python", "-m", "flowopd.bench", "table", name, *session.posargs, env=_env())
+    session.run("python", "-m", "flowopd.paper", "table", name, *session.posargs, env=_env())
 
 
 @nox.session
@@ -90,7 +90,7 @@ def table3(session: nox.Session) -> None:
 def seesaw(session: nox.Session) -> None:
     """Each benchmark along each GRPO teacher's and GRPO-Mix's training: ``-- [--preset sd35m] [--retrain]``."""
     _install(session)
-    session.run("python", "-m", "flowopd.bench", "seesaw", *session.posargs, env=_env())
+    session.run("python", "-m", "flowopd.paper", "seesaw", *session.posargs, env=_env())
 
 
 @nox.session

@@ -121,3 +121,14 @@ def _bounded(kind: type[N], text: str, low: float, what: str, strict: bool = Fal
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` value torch cannot parse, or CUDA where there is none (the message names the flag)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device here (torch {torch.__version__}); use --device cpu")

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from flowopd.bench import seesaw as S
-from flowopd.bench.tables import MissingCheckpointsError
+from flowopd.paper import seesaw as S
+from flowopd.paper.checkpoints import MissingCheckpointsError
 
 
 def _checkpoint(run, it):

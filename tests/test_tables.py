@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flowopd.bench.cli import main as bench_main
 from flowopd.bench.report import load_table
-from flowopd.bench.tables import MissingCheckpointsError, resolve_rows, retrain
+from flowopd.paper.__main__ import main as paper_main
+from flowopd.paper.checkpoints import MissingCheckpointsError
+from flowopd.paper.recipes import retrain
+from flowopd.paper.tables import resolve_rows
 from flowopd.train.__main__ import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ def test_sd35m_without_weights_names_every_missing_checkpoint_and_the_config(tmp
         assert repr(row["label"]) in text
     assert "/nowhere/ocr" in text and str(config) in text
     t0 = time.perf_counter()
-    assert bench_main(["table", "table1", "--preset", "sd35m", "--config", str(config)]) == 2
+    assert paper_main(["table", "table1", "--preset", "sd35m", "--config", str(config)]) == 2
     assert time.perf_counter() - t0 < 5  # stops at once: nothing is loaded or generated
     assert "missing checkpoints" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
-"""``python -m flowopd.bench``: list, evaluate, report, compare, check, table, seesaw, serve.
+"""``python -m flowopd.bench``: list, evaluate, report, compare, check, serve (the paper's tables and seesaw
+figure: ``python -m flowopd.paper table|seesaw``).
 
 Every number is range-checked when parsed; every error ends as one or two lines and exit status 2
 (flowopd.errors.run_cli; a traceback only with FLOWOPD_DEBUG=1). Every subcommand takes --log-level
@@ -13,28 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flowopd.bench.spec import BenchmarkSpec, all_specs
-from flowopd.errors import CLIParser, UserError, non_negative_float, positive_int, run_cli
+from flowopd.bench.weights import weights_cached
+from flowopd.errors import CLIParser, UserError, check_device, non_negative_float, positive_int, run_cli
 from flowopd.logs import add_log_level_argument, configure
 
 EXTRA_IMPORTS = {"ocr": ["rapidocr_onnxruntime"], "hps": [], "judge": [], "compbench": [], "deqa": []}
-
-
-def weights_cached(entry: str) -> bool:
-    """Whether an official weight is available offline: ``repo`` or ``repo:file`` in the Hugging Face
-    cache, or ``cache:file`` in flowopd's own weight cache (files pinned by URL + sha256)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    repo, _, filename = entry.partition(":")
-    if repo == "cache":
-        from flowopd.data import cache_root
-
-        return (cache_root() / "weights" / filename).is_file()
-    if "/" not in repo:
-        return False
-    for name in [filename] if filename else ["config.json", "model_index.json", "preprocessor_config.json"]:
-        if isinstance(try_to_load_from_cache(repo, name), str):
-            return True
-    return False
 
 
 def runnable_status(spec: BenchmarkSpec) -> str:
@@ -101,17 +85,6 @@ def _names(text: str | None, flag: str) -> list[str] | None:
     return names
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device here (torch {torch.__version__}); use --device cpu")
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flowopd.bench.evaluate import evaluate
     from flowopd.bench.report import markdown_summary
@@ -119,7 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flowopd.scorers.client import RemoteScorer
 
     benchmarks = _names(args.benchmarks, "--benchmarks")
-    _check_device(args.device)
+    check_device(args.device)
     remote = {}
     for item in args.scorer_url:
         name, sep, url = item.partition("=")
@@ -133,19 +106,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if v is not None
     }
     from flowopd.bench.distributed import launched
+    from flowopd.models.loading import resolve_checkpoint
 
+    # the CHECKPOINT argument, resolved once here with its --base and passed down
+    checkpoint = resolve_checkpoint(args.checkpoint, args.base) if args.checkpoint is not None else None
     with launched(args.device) as (shard, device):  # torchrun / accelerate launch: this process's share
         results = evaluate(
             generation=generation,
             scorers=remote,
-            checkpoint=args.checkpoint,
+            checkpoint=checkpoint,
             benchmarks=benchmarks,
             out=args.out,
             limit=args.limit,
             batch_size=args.batch_size,
             device=device,
             images=args.images,
-            base=args.base,
+            base=args.base if checkpoint is None else None,  # for the default checkpoint (refused there)
             progress=not args.no_progress,
             positional=args.positional,
             shard=shard,
@@ -216,27 +192,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_table(args: argparse.Namespace) -> int:
-    from flowopd.bench.tables import reproduce
-
-    paths = reproduce(args.name, preset=args.preset, retrain_missing=args.retrain, retrain_all=args.retrain_all,
-                      config=Path(args.config) if args.config else None, out=Path(args.out),
-                      device=args.device, limit=args.limit)
-    print(Path(paths["md"]).read_text())
-    print("written: " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
-def cmd_seesaw(args: argparse.Namespace) -> int:
-    from flowopd.bench.seesaw import seesaw
-
-    paths = seesaw(args.preset, retrain=args.retrain, config=Path(args.config) if args.config else None,
-                   out=Path(args.out), device=args.device)
-    print(Path(paths["md"]).read_text())
-    print("written: " + ", ".join(str(p) for p in paths.values()))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = CLIParser(prog="python -m flowopd.bench", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,27 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pass results of a partial run (--limit) instead of failing them")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("table", help="reproduce a paper table (table1, table2, table3)")
-    p.add_argument("name")
-    p.add_argument("--preset", default="mini", choices=["mini", "sd35m"])
-    p.add_argument("--retrain", action="store_true", help="train the rows whose checkpoints are missing")
-    p.add_argument("--retrain-all", action="store_true", help="retrain every row from scratch (slow)")
-    p.add_argument("--config", help="sd35m checkpoint paths (default: reports/sd35m_checkpoints.toml)")
-    p.add_argument("--out", default="reports/out")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--limit", type=positive_int,
-                   help="evaluate only the first N prompts of each benchmark (the table is then marked partial)")
-    p.set_defaults(func=cmd_table)
-
-    p = sub.add_parser("seesaw", help="each benchmark along each GRPO teacher's and GRPO-Mix's training (figure)")
-    p.add_argument("--preset", default="mini", choices=["mini", "sd35m"])
-    p.add_argument("--retrain", action="store_true", help="train the GRPO runs that have no checkpoints (slow)")
-    p.add_argument("--config", help="sd35m: file whose [seesaw] table lists the run dirs "
-                                    "(default: reports/sd35m_checkpoints.toml)")
-    p.add_argument("--out", default="reports/out/seesaw")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.set_defaults(func=cmd_seesaw)
-
     for p in sub.choices.values():  # serve, below, parses its own --log-level
         add_log_level_argument(p)
     sub.add_parser("serve", help="run a scorer behind a local HTTP server (serve --help for its options)")
@@ -326,14 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(argv: list[str]) -> int:
+    if argv[:1] in (["table"], ["seesaw"]):  # moved above bench, which does not import the paper's package
+        raise UserError(f"`python -m flowopd.bench {argv[0]}` moved: run `python -m flowopd.paper {argv[0]}` "
+                        f"with the same arguments")
     if argv[:1] == ["serve"]:  # everything after `serve` belongs to the server's own parser
         from flowopd.scorers.server import main as serve_main
 
         return serve_main(argv[1:], prog="python -m flowopd.bench serve")
     args = build_parser().parse_args(argv)
     configure(args.log_level)
-    if args.command in ("table", "seesaw"):
-        _check_device(args.device)
     return args.func(args)
 
 

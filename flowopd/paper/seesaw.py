@@ -1,31 +1,32 @@
 """The seesaw figure (METHOD.md s.1): every benchmark's score along each single-reward teacher's and GRPO-Mix's
 training, to show a teacher lowering the benchmarks it is not trained for.
 
-``python -m flowopd.bench seesaw [--preset mini|sd35m] [--retrain] [--out DIR]``; ``nox -s seesaw`` calls it.
+``python -m flowopd.paper seesaw [--preset mini|sd35m] [--retrain] [--out DIR]``; ``nox -s seesaw`` calls it.
 Each run's saved checkpoints (``<run>/checkpoints/iteration-N/adapter``) are evaluated on the four Table 1
 benchmarks, with the base model as iteration 0 (evaluations resume like every ``evaluate``). Output:
 ``seesaw.csv`` (run, iteration, benchmark, value, 95% interval), ``seesaw.md`` and ``seesaw.png``.
 
 Mini preset: the runs are the GRPO recipes' output directories (``runs/mini_grpo_*``); ``--retrain`` trains
 the missing ones first. sd35m preset: the run directories of your own training, listed in the
-``[seesaw]`` table of reports/sd35m_checkpoints.toml (``"GRPO-GenEval" = "/path/to/run"``).
+``[seesaw]`` table of the SD3.5-M checkpoint list (``"GRPO-GenEval" = "/path/to/run"``; the list is found as
+:mod:`flowopd.paper.checkpoints` says).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from flowopd.bench.evaluate import evaluate, run_name
-from flowopd.bench.tables import SD35M_CONFIG, MissingCheckpointsError, run_recipe
+from flowopd.bench.report import SCALE_TITLES
+from flowopd.paper.checkpoints import MissingCheckpointsError, read_checkpoint_list
+from flowopd.paper.recipes import run_recipe
+
+logger = logging.getLogger(__name__)
 
 BENCHMARKS = {
     "mini": ["mini-geneval", "mini-ocr", "mini-quality", "mini-pick"],
@@ -60,23 +61,21 @@ def run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return out
 
 
-def _runs(preset: str, config: Path | None) -> dict[str, Path]:
+def _runs(preset: str, config: Path | None) -> tuple[dict[str, Path], Path | None]:
+    """(label -> run directory, the checkpoint list they came from: None for the mini preset)."""
     if preset == "mini":
-        return {label: Path(d) for label, (d, _) in MINI_RUNS.items()}
-    config = config or SD35M_CONFIG
-    if not config.is_file():
-        raise MissingCheckpointsError(f"{config}: no such file; copy reports/sd35m_checkpoints.toml and list your "
-                                      f"GRPO run directories in its [seesaw] table")
-    runs = {k: Path(v) for k, v in tomllib.loads(config.read_text()).get("seesaw", {}).items() if v}
+        return {label: Path(d) for label, (d, _) in MINI_RUNS.items()}, None
+    path, listed = read_checkpoint_list(config, "seesaw", "list your GRPO run directories in its [seesaw] table")
+    runs = {k: Path(v) for k, v in listed.items() if v}
     if not runs:
-        raise MissingCheckpointsError(f"{config}: the [seesaw] table lists no run directories "
+        raise MissingCheckpointsError(f"{path}: the [seesaw] table lists no run directories "
                                       f"(\"GRPO-GenEval\" = \"/path/to/run\", ...)")
-    return runs
+    return runs, path
 
 
 def plan(preset: str = "mini", config: Path | None = None, retrain: bool = False) -> list[Point]:
     """The checkpoints to evaluate: the base, then every saved checkpoint of every run."""
-    runs = _runs(preset, config)
+    runs, source = _runs(preset, config)
     if retrain and preset == "mini":
         for label, (run_dir, recipe) in MINI_RUNS.items():
             if not run_checkpoints(Path(run_dir)):
@@ -84,7 +83,7 @@ def plan(preset: str = "mini", config: Path | None = None, retrain: bool = False
     empty = [f"{label} ({d})" for label, d in runs.items() if not run_checkpoints(d)]
     if empty:
         hint = ("run with --retrain to train them (each GRPO recipe, then the evaluations), or see the committed "
-                "figure reports/mini/seesaw/seesaw.png") if preset == "mini" else f"check the [seesaw] table of {config or SD35M_CONFIG}"
+                "figure reports/mini/seesaw/seesaw.png") if preset == "mini" else f"check the [seesaw] table of {source}"
         raise MissingCheckpointsError(f"seesaw: no saved checkpoints for {', '.join(empty)}; {hint}")
     points = [Point("base", 0, BASE[preset])]
     for label, d in runs.items():
@@ -101,7 +100,7 @@ def collect(points: list[Point], benchmarks: list[str], runs_root: Path, device:
     """Evaluate every point (resumable) and return one row per (run, iteration, benchmark)."""
     rows = []
     for i, p in enumerate(points, 1):
-        print(f"[seesaw] {i}/{len(points)} {p.run} iteration {p.iteration}: {p.checkpoint}")
+        logger.info("[seesaw] %d/%d %s iteration %d: %s", i, len(points), p.run, p.iteration, p.checkpoint)
         out = runs_root / run_name(p.checkpoint) if p.run == "base" else runs_root / run_name(p.run) / f"iteration-{p.iteration:06d}"
         results = evaluate(p.checkpoint, benchmarks, out=out, device=device, progress=False, log=lambda _: None)
         for b in benchmarks:
@@ -122,8 +121,6 @@ def write_seesaw(rows: list[dict[str, Any]], out: Path, preset: str = "mini") ->
     base = {r["benchmark"]: r["value"] for r in rows if r["run"] == "base"}
     keys = list(dict.fromkeys((r["run"], r["iteration"]) for r in rows))
     cell = {(r["run"], r["iteration"], r["benchmark"]): r for r in rows}
-    from flowopd.bench.report import SCALE_TITLES
-
     lines = [f"# Seesaw: each benchmark along each GRPO run's training - {SCALE_TITLES[preset]}", "",
              "Score (change from the base); 95% prompt-bootstrap interval in brackets.", "",
              "| run | iteration | " + " | ".join(LABELS.get(b, b) for b in benchmarks) + " |",
