@@ -107,7 +107,7 @@ class PromptSourceConfig:
                          "'flowopd.world.grammar:sample_prompt'; others registered by the recipe's `imports`), called "
                          "as f(rng: numpy Generator, **sampler_args) -> metadata dict with 'prompt'.")
     sampler_args: dict[str, Any] = _help({}, "Keyword arguments of the sampler, e.g. {split='train', task='ocr'}.")
-    prompt_set: dict[str, Any] = _help({}, "A prompt file as flowopd.bench.spec.PromptSetSpec fields (format, "
+    prompt_set: dict[str, Any] = _help({}, "A prompt file as flowopd.specs.PromptSetSpec fields (format, "
                                        "path, url, sha256, prompt_field): pinned and verified by flowopd.data.")
     benchmark: str = _help("", "Use this benchmark's prompt set (its *evaluation* prompts: smoke tests only).")
 
@@ -274,8 +274,9 @@ class PromptSampler:
     """Draws training prompts from the recipe's sources (see PromptSourceConfig and GRPOConfig.mix)."""
 
     def __init__(self, sources: Sequence[PromptSourceConfig], mix: str = "iteration") -> None:
-        from flowopd.bench.spec import PromptSetSpec, get_spec
+        from flowopd.bench.spec import get_spec
         from flowopd.data import load_prompts
+        from flowopd.specs import PromptSetSpec
 
         if not sources:
             raise ConfigError("no prompt sources: add at least one [[prompts]] table to the recipe")
