@@ -8,10 +8,16 @@ when it is parsed (issue 19, point 3): its type, finiteness for numbers, and the
 key, what was expected and what was given; an unknown key also gets the closest known keys.
 
 :func:`resume_changes` compares a run's recorded config with the config it is resumed with.
+
+The fields every trainer shares (GRPO, OPD, SFT: model, LoRA, prompts, reward, optimisation, EMA, checkpoints,
+evaluation, logging) are declared once, in :class:`TrainConfig`; each recipe's config extends it, may give a
+field a default of its own, and ``--help`` lists the fields (:func:`describe_fields`) base first, then the
+recipe's own.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -20,8 +26,12 @@ import sys
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from flowopd.rewards import ANY_TASK
+from flowopd.train.lora import LORA_TARGET_MODULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -308,3 +318,133 @@ def _compare(saved: Mapping[str, Any], config: Any, now: Mapping[str, Any], pref
             _compare(saved[f.name], value, now[f.name], key + ".", changed, added)
         elif now[f.name] != saved[f.name]:
             changed[key] = (saved[f.name], now[f.name])
+
+
+# ---------------------------------------------------------------- the trainers' configs
+
+
+def help_field(default: Any, text: str) -> Any:
+    """A dataclass field with help text (TRL's habit); mutable defaults are copied per instance."""
+    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def describe_fields(cls: type) -> str:
+    """Every field of the config dataclass ``cls`` with its default and help text (the ``--help`` of a recipe)."""
+    lines = ["keys (default): help"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+@dataclass
+class PromptSourceConfig:
+    """Where one task's training prompts come from; exactly one of ``sampler``, ``prompt_set``, ``benchmark``."""
+
+    task: str = help_field(ANY_TASK, "Routing key: the prompts' metadata['task'], which picks their reward terms.")
+    weight: float = help_field(1.0, "Share of this source. mix='iteration': whole iterations per cycle (GRPO-Mix "
+                               "GenEval:OCR:PickScore = 3:1:1, integers); mix='prompt': probability weight.")
+    sampler: str = help_field("", "A registered prompt sampler (PROMPT_SAMPLERS: 'mini-world', also written "
+                              "'flowopd.world.grammar:sample_prompt'; others registered by the recipe's `imports`), "
+                              "called as f(rng: numpy Generator, **sampler_args) -> metadata dict with 'prompt'.")
+    sampler_args: dict[str, Any] = help_field({}, "Keyword arguments of the sampler, e.g. {split='train', "
+                                              "task='ocr'}.")
+    prompt_set: dict[str, Any] = help_field({}, "A prompt file as flowopd.specs.PromptSetSpec fields (format, "
+                                            "path, url, sha256, prompt_field): pinned and verified by flowopd.data.")
+    benchmark: str = help_field("", "Use this benchmark's prompt set (its *evaluation* prompts: smoke tests only).")
+
+
+@dataclass
+class RewardConfig:
+    """The reward (flowopd.rewards.Reward): weighted, native-scale-normalised scorer terms per task."""
+
+    weights: dict[str, float] = help_field({}, "{key: weight} for every prompt; a key is a registered scorer or "
+                                           "'<scorer>.<detail>' (e.g. 'mini-geneval.partial').")
+    tasks: dict[str, dict[str, float]] = help_field({}, "Per-task terms (GRPO-Mix: geneval = {geneval = 0.8, "
+                                                    "deqa = 0.2}); a task without an entry uses `weights`.")
+    scales: dict[str, float] = help_field({}, "Divisors per key or scorer, overriding DeQA/5, PickScore/26 ...")
+    scorer_options: dict[str, dict[str, Any]] = help_field({}, "Constructor options per scorer (model id, local "
+                                                           "path, device ...).")
+    servers: dict[str, str] = help_field({}, "Scorer name -> URL of a running scorer server (DeQA's own env).")
+
+    def is_set(self) -> bool:
+        """Whether the recipe configures a reward (OPD may run without one, SFT needs one for best-of-N)."""
+        return bool(self.weights or self.tasks)
+
+    def terms_by_task(self) -> dict[str, dict[str, float]]:
+        """``{task: {key: weight}}`` as flowopd.rewards.Reward takes it (``weights`` under the any-task key)."""
+        tasks = {str(k): dict(v) for k, v in self.tasks.items()}
+        if self.weights:
+            tasks[ANY_TASK] = dict(self.weights)
+        return tasks
+
+
+@dataclass
+class TrainConfig:
+    """The fields every trainer shares (GRPO, OPD, SFT), declared once. Defaults are the published SD3.5-M
+    settings (Flow-GRPO ``config/grpo.py`` ``geneval_sd3``/``general_ocr_sd3``/``pickscore_sd3`` on 32 GPUs, and
+    METHOD.md s.3); a recipe's config may give a field a default of its own."""
+
+    # --- model and run
+    model: str = help_field("stabilityai/stable-diffusion-3.5-medium", "Base checkpoint: hub id, diffusers "
+                            "directory, mini:NAME or a mini directory (flowopd.models.loading.load_policy).")
+    output_dir: str = help_field("runs/grpo", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
+    seed: int = help_field(42, "Seeds the prompt/noise generator and the adapter init (Flow-GRPO: 42).")
+    resume: str = help_field("", "'' starts fresh; 'latest' continues from the newest checkpoint in output_dir "
+                             "(fresh if none); or a checkpoint directory.")
+    imports: list[str] = help_field([], "Modules imported first, so that they can register scorers and prompt "
+                                    "samplers. This RUNS CODE, as running a Python file of yours would: the only "
+                                    "field through which a recipe loads code (every other name resolves through a "
+                                    "registry).")
+    mixed_precision: str = help_field("bf16", "'no', 'bf16' or 'fp16': dtype of the frozen base weights and "
+                                      "accelerate's autocast; the adapter stays float32 and the VAE float32.")
+    allow_tf32: bool = help_field(True, "TF32 matmuls on Ampere+ GPUs (Flow-GRPO: true).")
+    cpu: bool = help_field(False, "Run on CPU even when a GPU is present.")
+    threads: int = help_field(0, "torch CPU threads of this process (0: torch's default). On a shared small CPU, 1 "
+                              "avoids thread contention that slows small models many times over.")
+    # --- LoRA
+    lora_rank: int = help_field(32, "LoRA rank (published 32).")
+    lora_alpha: float = help_field(64.0, "LoRA alpha (published 64; scaling alpha / rank = 2).")
+    lora_target_modules: list[str] = help_field(list(LORA_TARGET_MODULES), "Module-name suffixes that get "
+                                                "adapters (Flow-GRPO's joint-attention projections).")
+    lora_init: str = help_field("gaussian", "peft init_lora_weights (Flow-GRPO: gaussian, B = 0).")
+    lora_path: str = help_field("", "Start from this adapter (peft directory, mini:NAME, or a training checkpoint "
+                                "or run directory) instead of a fresh one.")
+    # --- prompts and sampling
+    resolution: int = help_field(512, "Image height and width (published 512).")
+    guidance_scale: float = help_field(4.5, "CFG scale for rollouts and the training forward (published 4.5).")
+    max_sequence_length: int = help_field(128, "T5 prompt length of SD3 models (Flow-GRPO / Flow-OPD encode at "
+                                          "128; diffusers' default is 256). The mini world's tokenizer has its own "
+                                          "length.")
+    prompts_per_iteration: int = help_field(48, "Distinct prompt draws per iteration over all processes "
+                                            "(published 48: 48 x 24 = 1152 images per epoch on 32 GPUs).")
+    sample_batch_size: int = help_field(9, "Images per sampling batch per process (published 9).")
+    prompts: list[PromptSourceConfig] = help_field([], "Prompt sources (one per task).")
+    mix: str = help_field("iteration", "'iteration': each iteration draws from one source, cycling by integer "
+                          "weights (the public GRPO-Mix alternation); 'prompt': each prompt picks a source.")
+    reward: RewardConfig = help_field(RewardConfig(), "The reward; see RewardConfig.")
+    # --- optimisation
+    num_iterations: int = help_field(1000, "Iterations (Flow-GRPO epochs) to run; Flow-GRPO runs until stopped.")
+    updates_per_iteration: int = help_field(2, "Optimizer steps per iteration (Flow-GRPO: gradient accumulation "
+                                            "over half the sampling batches, i.e. 2).")
+    learning_rate: float = help_field(3e-4, "AdamW learning rate (published 3e-4).")
+    adam_beta1: float = help_field(0.9, "AdamW beta1.")
+    adam_beta2: float = help_field(0.999, "AdamW beta2.")
+    adam_weight_decay: float = help_field(1e-4, "AdamW weight decay (Flow-GRPO 1e-4).")
+    adam_epsilon: float = help_field(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = help_field("constant", "diffusers.optimization scheduler name (Flow-GRPO: constant).")
+    lr_warmup_steps: int = help_field(0, "Warm-up optimizer steps of the scheduler.")
+    max_grad_norm: float = help_field(1.0, "Gradient-norm clip (published 1.0).")
+    ema: bool = help_field(True, "EMA of the adapter; checkpoints and evaluation use the EMA weights.")
+    ema_decay: float = help_field(0.9, "EMA decay (Flow-GRPO 0.9, with warm-up min((1+s)/(10+s), decay)).")
+    ema_update_interval: int = help_field(8, "Optimizer steps between EMA updates (Flow-GRPO 8).")
+    # --- checkpoints, evaluation, logging
+    save_every: int = help_field(60, "Checkpoint every N iterations, and at the end (Flow-GRPO save_freq 60).")
+    eval_every: int = help_field(60, "Evaluate every N iterations, before the first and at the end; 0 = never.")
+    eval_benchmarks: list[str] = help_field([], "Benchmarks of flowopd.bench for periodic evaluation.")
+    eval_limit: int | None = help_field(None, "Evaluate on the first N prompts of each benchmark (None = all).")
+    eval_batch_size: int = help_field(8, "Batch size of evaluation sampling.")
+    tensorboard: bool = help_field(True, "Write tensorboard events to <output_dir>/tensorboard.")
+    progress: bool = help_field(True, "Show a progress bar.")

@@ -31,8 +31,6 @@ are safetensors or ``torch.load(weights_only=True)``, the rest JSON.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import importlib
 import inspect
 import json
@@ -43,7 +41,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +50,22 @@ import torch
 
 from flowopd.models.policy import Conditioning, index_cond
 from flowopd.registry import Registry, UnknownNameError
-from flowopd.rewards import ANY_TASK, Reward, RewardOutput
+from flowopd.rewards import Reward, RewardOutput
 from flowopd.scorers.base import Scorer
-from flowopd.train.config import ConfigError, check_fields, from_dict, load_config, to_dict
+from flowopd.train.config import (
+    ConfigError,
+    PromptSourceConfig,
+    TrainConfig,
+    check_fields,
+    describe_fields,
+    from_dict,
+    help_field,
+    load_config,
+    to_dict,
+)
 from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients, task_reward_metrics
 from flowopd.train.lora import (
     EMA,
-    LORA_TARGET_MODULES,
     adapter_disabled,
     add_lora,
     lora_parameters,
@@ -89,138 +96,47 @@ CHECKPOINT_FORMAT = "flowopd-grpo/1"
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _help(default: Any, text: str) -> Any:
-    """A dataclass field with help text (TRL's habit); mutable defaults are copied per instance."""
-    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class PromptSourceConfig:
-    """Where one task's training prompts come from; exactly one of ``sampler``, ``prompt_set``, ``benchmark``."""
+class GRPOConfig(TrainConfig):
+    """Flow-GRPO with LoRA: the shared fields (:class:`flowopd.train.config.TrainConfig`) and GRPO's own.
+    Defaults are the published SD3.5-M settings (Flow-GRPO ``config/grpo.py`` ``geneval_sd3``/``general_ocr_sd3``/
+    ``pickscore_sd3`` on 32 GPUs, and METHOD.md s.3)."""
 
-    task: str = _help(ANY_TASK, "Routing key: the prompts' metadata['task'], which picks their reward terms.")
-    weight: float = _help(1.0, "Share of this source. mix='iteration': whole iterations per cycle (GRPO-Mix "
-                          "GenEval:OCR:PickScore = 3:1:1, integers); mix='prompt': probability weight.")
-    sampler: str = _help("", "A registered prompt sampler (PROMPT_SAMPLERS: 'mini-world', also written "
-                         "'flowopd.world.grammar:sample_prompt'; others registered by the recipe's `imports`), called "
-                         "as f(rng: numpy Generator, **sampler_args) -> metadata dict with 'prompt'.")
-    sampler_args: dict[str, Any] = _help({}, "Keyword arguments of the sampler, e.g. {split='train', task='ocr'}.")
-    prompt_set: dict[str, Any] = _help({}, "A prompt file as flowopd.specs.PromptSetSpec fields (format, "
-                                       "path, url, sha256, prompt_field): pinned and verified by flowopd.data.")
-    benchmark: str = _help("", "Use this benchmark's prompt set (its *evaluation* prompts: smoke tests only).")
-
-
-@dataclass
-class RewardConfig:
-    """The reward (flowopd.rewards.Reward): weighted, native-scale-normalised scorer terms per task."""
-
-    weights: dict[str, float] = _help({}, "{key: weight} for every prompt; a key is a registered scorer or "
-                                      "'<scorer>.<detail>' (e.g. 'mini-geneval.partial').")
-    tasks: dict[str, dict[str, float]] = _help({}, "Per-task terms (GRPO-Mix: geneval = {geneval = 0.8, "
-                                               "deqa = 0.2}); a task without an entry uses `weights`.")
-    scales: dict[str, float] = _help({}, "Divisors per key or scorer, overriding DeQA/5, PickScore/26 ...")
-    scorer_options: dict[str, dict[str, Any]] = _help({}, "Constructor options per scorer (model id, local "
-                                                      "path, device ...).")
-    servers: dict[str, str] = _help({}, "Scorer name -> URL of a running scorer server (DeQA's own env).")
-
-
-@dataclass
-class GRPOConfig:
-    """Flow-GRPO with LoRA. Defaults are the published SD3.5-M settings (Flow-GRPO ``config/grpo.py``
-    ``geneval_sd3``/``general_ocr_sd3``/``pickscore_sd3`` on 32 GPUs, and METHOD.md s.3)."""
-
-    # --- model and run
-    model: str = _help("stabilityai/stable-diffusion-3.5-medium", "Base checkpoint: hub id, diffusers "
-                       "directory, mini:NAME or a mini directory (flowopd.models.loading.load_policy).")
-    output_dir: str = _help("runs/grpo", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
-    seed: int = _help(42, "Seeds the prompt/noise generator and the adapter init (Flow-GRPO: 42).")
-    resume: str = _help("", "'' starts fresh; 'latest' continues from the newest checkpoint in output_dir "
-                        "(fresh if none); or a checkpoint directory.")
-    imports: list[str] = _help([], "Modules imported first, so that they can register scorers and prompt samplers. "
-                           "This RUNS CODE, as running a Python file of yours would: the only field through which "
-                           "a recipe loads code (every other name resolves through a registry).")
-    mixed_precision: str = _help("bf16", "'no', 'bf16' or 'fp16': dtype of the frozen base weights and "
-                                 "accelerate's autocast; the adapter stays float32 and the VAE float32.")
-    allow_tf32: bool = _help(True, "TF32 matmuls on Ampere+ GPUs (Flow-GRPO: true).")
-    cpu: bool = _help(False, "Run on CPU even when a GPU is present.")
-    threads: int = _help(0, "torch CPU threads of this process (0: torch's default). On a shared small CPU, 1 "
-                         "avoids thread contention that slows small models many times over.")
-    # --- LoRA
-    lora_rank: int = _help(32, "LoRA rank (published 32).")
-    lora_alpha: float = _help(64.0, "LoRA alpha (published 64; scaling alpha / rank = 2).")
-    lora_target_modules: list[str] = _help(list(LORA_TARGET_MODULES), "Module-name suffixes that get adapters "
-                                           "(Flow-GRPO's joint-attention projections).")
-    lora_init: str = _help("gaussian", "peft init_lora_weights (Flow-GRPO: gaussian, B = 0).")
-    lora_path: str = _help("", "Start from this adapter (peft directory, mini:NAME, or a training checkpoint or "
-                           "run directory) instead of a fresh one.")
     # --- sampling
-    resolution: int = _help(512, "Image height and width (published 512).")
-    num_steps: int = _help(10, "Sampling steps of a training rollout (published 10; evaluation uses 40).")
-    guidance_scale: float = _help(4.5, "CFG scale for rollouts and the training forward (published 4.5).")
-    max_sequence_length: int = _help(128, "T5 prompt length of SD3 models (Flow-GRPO / Flow-OPD encode at 128; "
-                                     "diffusers' default is 256). The mini world's tokenizer has its own length.")
-    noise_level: float = _help(0.7, "SDE noise level a in sigma_t = a sqrt(t / (1 - t)) (published 0.7).")
-    sde_type: str = _help("sde", "'sde' (Flow-GRPO) or 'cps' (coefficient-preserving sampling).")
-    same_group_noise: bool = _help(False, "Every sample of a group starts from the same noise (DanceGRPO's "
-                                   "use_same_noise), so that the group's rewards differ only through the SDE "
-                                   "steps that are trained. Flow-GRPO draws one noise per sample (False).")
-    sde_window_size: int = _help(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic and "
-                                 "trained, the rest ODE; 0 = every step stochastic.")
-    sde_window_range: list[int] = _help([0, 10], "Range (lo, hi) the SDE window is drawn in, per iteration.")
-    timestep_fraction: float = _help(0.99, "Without a window, train the first int(num_steps * fraction) "
-                                     "steps (published 0.99: 9 of 10).")
-    log_prob_reduction: str = _help("mean", "Log-prob over latent elements: 'mean' (Flow-GRPO; the clip "
-                                    "range 1e-4 is tuned for it) or 'sum' (exact density).")
-    group_size: int = _help(24, "Images per prompt k (published 24).")
-    prompts_per_iteration: int = _help(48, "Distinct prompt draws per iteration over all processes "
-                                       "(published 48: 48 x 24 = 1152 images per epoch on 32 GPUs).")
-    sample_batch_size: int = _help(9, "Images per sampling batch per process (published 9).")
-    prompts: list[PromptSourceConfig] = _help([], "Prompt sources (one per task).")
-    mix: str = _help("iteration", "'iteration': each iteration draws from one source, cycling by integer "
-                     "weights (the public GRPO-Mix alternation); 'prompt': each prompt picks a source.")
-    reward: RewardConfig = _help(RewardConfig(), "The reward; see RewardConfig.")
-    reward_workers: int = _help(1, "Threads that score a sampling batch while the next one samples; 0 = "
-                                "score synchronously.")
+    num_steps: int = help_field(10, "Sampling steps of a training rollout (published 10; evaluation uses 40).")
+    noise_level: float = help_field(0.7, "SDE noise level a in sigma_t = a sqrt(t / (1 - t)) (published 0.7).")
+    sde_type: str = help_field("sde", "'sde' (Flow-GRPO) or 'cps' (coefficient-preserving sampling).")
+    same_group_noise: bool = help_field(False, "Every sample of a group starts from the same noise (DanceGRPO's "
+                                        "use_same_noise), so that the group's rewards differ only through the SDE "
+                                        "steps that are trained. Flow-GRPO draws one noise per sample (False).")
+    sde_window_size: int = help_field(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic and "
+                                      "trained, the rest ODE; 0 = every step stochastic.")
+    sde_window_range: list[int] = help_field([0, 10], "Range (lo, hi) the SDE window is drawn in, per iteration.")
+    timestep_fraction: float = help_field(0.99, "Without a window, train the first int(num_steps * fraction) "
+                                          "steps (published 0.99: 9 of 10).")
+    log_prob_reduction: str = help_field("mean", "Log-prob over latent elements: 'mean' (Flow-GRPO; the clip "
+                                         "range 1e-4 is tuned for it) or 'sum' (exact density).")
+    group_size: int = help_field(24, "Images per prompt k (published 24).")
+    reward_workers: int = help_field(1, "Threads that score a sampling batch while the next one samples; 0 = "
+                                     "score synchronously.")
     # --- optimisation
-    num_iterations: int = _help(1000, "Iterations (Flow-GRPO epochs) to run; Flow-GRPO runs until stopped.")
-    updates_per_iteration: int = _help(2, "Optimizer steps per iteration (Flow-GRPO: gradient accumulation "
-                                       "over half the sampling batches, i.e. 2).")
-    learning_rate: float = _help(3e-4, "AdamW learning rate (published 3e-4).")
-    adam_beta1: float = _help(0.9, "AdamW beta1.")
-    adam_beta2: float = _help(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _help(1e-4, "AdamW weight decay (Flow-GRPO 1e-4).")
-    adam_epsilon: float = _help(1e-8, "AdamW epsilon.")
-    lr_scheduler: str = _help("constant", "diffusers.optimization scheduler name (Flow-GRPO: constant).")
-    lr_warmup_steps: int = _help(0, "Warm-up optimizer steps of the scheduler.")
-    max_grad_norm: float = _help(1.0, "Gradient-norm clip (published 1.0).")
-    clip_range: float = _help(1e-4, "PPO clip eps (published 1e-4, for the per-element-mean log-prob).")
-    adv_clip_max: float = _help(5.0, "Advantages clipped to +- this (published 5).")
-    advantage_std: str = _help("batch", "'batch' std over all rewards of the iteration (Flow-GRPO "
-                               "global_std = true) or 'group' std.")
-    beta: float = _help(0.04, "KL weight to the reference (0.04 GenEval/OCR, 0.01 PickScore); 0 = no KL.")
-    cfg_detach_uncond: bool = _help(False, "Detach the unconditional CFG branch in the training forward (two "
-                                    "passes of N instead of one of 2N). Flow-OPD's compute_log_prob keeps both "
-                                    "branches attached (False; Flow-GRPO since 2d76907 detaches it): with CFG g the "
-                                    "adapter also moves v_uncond, with weight 1 - g, and a gradient that ignores it is "
-                                    "biased (on the mini world, "
-                                    "True made the GenEval reward fall during training).")
-    ema: bool = _help(True, "EMA of the adapter; checkpoints and evaluation use the EMA weights.")
-    ema_decay: float = _help(0.9, "EMA decay (Flow-GRPO 0.9, with warm-up min((1+s)/(10+s), decay)).")
-    ema_update_interval: int = _help(8, "Optimizer steps between EMA updates (Flow-GRPO 8).")
-    # --- checkpoints, evaluation, logging
-    save_every: int = _help(60, "Checkpoint every N iterations, and at the end (Flow-GRPO save_freq 60).")
-    eval_every: int = _help(60, "Evaluate every N iterations, before the first and at the end; 0 = never.")
-    eval_benchmarks: list[str] = _help([], "Benchmarks of flowopd.bench for periodic evaluation.")
-    eval_limit: int | None = _help(None, "Evaluate on the first N prompts of each benchmark (None = all).")
-    eval_batch_size: int = _help(8, "Batch size of evaluation sampling.")
-    tensorboard: bool = _help(True, "Write tensorboard events to <output_dir>/tensorboard.")
-    progress: bool = _help(True, "Show a progress bar.")
+    clip_range: float = help_field(1e-4, "PPO clip eps (published 1e-4, for the per-element-mean log-prob).")
+    adv_clip_max: float = help_field(5.0, "Advantages clipped to +- this (published 5).")
+    advantage_std: str = help_field("batch", "'batch' std over all rewards of the iteration (Flow-GRPO "
+                                    "global_std = true) or 'group' std.")
+    beta: float = help_field(0.04, "KL weight to the reference (0.04 GenEval/OCR, 0.01 PickScore); 0 = no KL.")
+    cfg_detach_uncond: bool = help_field(False, "Detach the unconditional CFG branch in the training forward (two "
+                                         "passes of N instead of one of 2N). Flow-OPD's compute_log_prob keeps both "
+                                         "branches attached (False; Flow-GRPO since 2d76907 detaches it): with CFG g "
+                                         "the adapter also moves v_uncond, with weight 1 - g, and a gradient that "
+                                         "ignores it is biased (on the mini world, True made the GenEval reward "
+                                         "fall during training).")
     # --- diagnostics (flowopd.train.diagnostics)
-    grad_cosine_every: int = _help(0, "Every N iterations, the cosines between the task losses' gradients on the "
-                                   "adapter, from a probe batch per task (logged, grad_cosines.csv); 0 = off.")
-    grad_cosine_prompts: int = _help(2, "Prompts per task (x group_size samples) of the gradient-cosine probe.")
+    grad_cosine_every: int = help_field(0, "Every N iterations, the cosines between the task losses' gradients on "
+                                        "the adapter, from a probe batch per task (logged, grad_cosines.csv); 0 = "
+                                        "off.")
+    grad_cosine_prompts: int = help_field(2, "Prompts per task (x group_size samples) of the gradient-cosine "
+                                          "probe.")
 
 
 @dataclass
@@ -430,15 +346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def describe_fields(cls: type) -> str:
-    """Every field of the config dataclass ``cls`` with its default and help text (the ``--help`` of a recipe)."""
-    lines = ["keys (default): help"]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
-    return "\n".join(lines)
-
-
 def train(
     config: GRPOConfig,
     scorers: Mapping[str, Scorer] | None = None,
@@ -501,7 +408,7 @@ def _train(
     set_trainable_module(policy, model)
     named = lora_parameters(model)
     ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
-    reward = Reward(_reward_tasks(config.reward), config.reward.scales, scorers, config.reward.scorer_options,
+    reward = Reward(config.reward.terms_by_task(), config.reward.scales, scorers, config.reward.scorer_options,
                     config.reward.servers, accelerator.device)
     rng = np.random.default_rng(config.seed)
 
@@ -621,20 +528,8 @@ def _check(config: GRPOConfig, require_reward: bool = True) -> None:
     if config.grad_cosine_every < 0 or config.grad_cosine_prompts < 1:
         raise ConfigError(f"need grad_cosine_every >= 0 and grad_cosine_prompts >= 1, got {config.grad_cosine_every}, "
                           f"{config.grad_cosine_prompts}")
-    if require_reward and not has_reward(config.reward):
+    if require_reward and not config.reward.is_set():
         raise ConfigError("no reward: set reward.weights = {scorer = weight} or [reward.tasks.<task>]")
-
-
-def has_reward(reward: RewardConfig) -> bool:
-    """Whether the recipe configures a reward (OPD may run without one)."""
-    return bool(reward.weights or reward.tasks)
-
-
-def _reward_tasks(reward: RewardConfig) -> dict[str, dict[str, float]]:
-    tasks = {str(k): dict(v) for k, v in reward.tasks.items()}
-    if reward.weights:
-        tasks[ANY_TASK] = dict(reward.weights)
-    return tasks
 
 
 def _build_policy(config: GRPOConfig, device: torch.device) -> tuple[Any, torch.nn.Module]:

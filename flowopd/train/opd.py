@@ -79,7 +79,7 @@ from flowopd.models.policy import Conditioning, index_cond
 from flowopd.rewards import Reward
 from flowopd.scorers.base import Scorer
 from flowopd.sde import StepOutput, kernel_kl, kernel_log_ratio
-from flowopd.train.config import ConfigError, load_config, to_dict
+from flowopd.train.config import ConfigError, describe_fields, help_field, load_config, to_dict
 from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients
 from flowopd.train.grpo import (
     GRPOConfig,
@@ -91,22 +91,18 @@ from flowopd.train.grpo import (
     _log,
     _resume_dir,
     _reward_metrics,
-    _reward_tasks,
     _rollout,
     _sample_and_score,
     _unwrapped,
     _writer,
     compute_advantages,
-    describe_fields,
     end_iteration,
-    has_reward,
     import_modules,
     load_checkpoint,
     micro_batches,
     plan_iteration,
     plan_probe,
 )
-from flowopd.train.grpo import _help as _field
 from flowopd.train.lora import EMA, lora_parameters, set_trainable_module, trainable_module, unwrap
 from flowopd.train.losses import Stats, opd_loss, reference_kl, zero_mean_kl_gradient
 from flowopd.train.rollout import Trajectory, step_log_prob, trained_positions
@@ -128,41 +124,41 @@ class OPDConfig(GRPOConfig):
     base, EMA) and METHOD.md s.3. The student starts from ``lora_path`` (the cold start: a merged adapter or
     the SFT adapter) or, without it, from a fresh adapter (B = 0, i.e. the base)."""
 
-    output_dir: str = _field("runs/opd", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
-    group_size: int = _field(16, "Student rollouts per prompt G (published 16 for OPD).")
-    prompts_per_iteration: int = _field(16, "Distinct prompts per iteration (public mix_opd_8gpu: 16 x 16 = 256 "
-                                        "images per epoch on 8 GPUs).")
-    sample_batch_size: int = _field(4, "Images per sampling batch per process (public OPD: 4).")
-    learning_rate: float = _field(1e-4, "AdamW learning rate (published 1e-4 for OPD).")
-    mix: str = _field("prompt", "'prompt': every iteration mixes the tasks, each sample routed to its teacher "
-                      "(the paper's one-hot routing, our default); 'iteration': whole iterations alternate "
-                      "between the tasks by integer weights (the public code's per-epoch alternation).")
-    beta: float = _field(0.0, "Unused by OPD (must stay 0): its regulariser is MAR, see mar_weight and anchor.")
-    teachers: dict[str, str] = _field({}, "Task -> teacher adapter (peft directory or mini:NAME) on the same base "
-                                      "as `model`; every prompt source's task needs one.")
-    anchor: str = _field(BASE_ANCHOR, "MAR's frozen anchor: 'base' (the base network, adapters disabled; the "
-                         "public default) or an adapter directory / mini:NAME.")
-    mar_weight: float = _field(0.04, "MAR weight lambda of KL(student || anchor) on every sample (public beta "
-                               "0.04); 0 = no MAR.")
-    mode: str = _field("pathwise", "'pathwise' (the public code: A_t = -KL_t attached, its gradient through the "
-                       "student's mean; with kl_scale = 'public' for parity), 'kl_only' (A_t detached: with "
-                       "kl_estimator 'analytic' and kl_advantage 'step' its expected gradient is zero - an ablation, "
-                       "warned at start-up), 'gkd' (loss = mean KL_t, no ratio), 'mixed' (task GRPO advantage - "
-                       "KL_t; needs a reward).")
-    kl_estimator: str = _field("analytic", "Local KL term of the advantage: 'analytic' (KL_t from the two kernel "
-                               "means) or 'sample' (the detached log-ratio log pi_student - log pi_teacher of the "
-                               "sampled transition, scaled as kl_scale: its mean is KL_t and its score-function "
-                               "gradient an unbiased local grad KL_t; with mode 'kl_only' or 'mixed').")
-    kl_grad: str = _field("detached", "Mode 'mixed' only: 'detached' or 'pathwise' KL part of the advantage.")
-    kl_scale: str = _field("public", "Scale of KL_t: 'mean' (exact kernel KL per latent element, the scale of the "
-                           "per-element log-prob; advantages rarely reach the +-5 clip), 'sum' (exact kernel KL, "
-                           "summed), 'public' (the public code: per element, over 2 sigma_t^2, = 'mean' x |dt|).")
-    mar_scale: str = _field("public", "Scale of MAR's KL, as kl_scale; 'public' is the scale its weight 0.04 "
-                            "was tuned at (Flow-GRPO's KL loss).")
-    kl_advantage: str = _field("step", "'step': A_t = -KL_t (local term only); 'to_go': A_t = -(KL_t + sum of the "
-                               "later recorded steps' KL), adding the return-to-go of the dense reward, the future "
-                               "part of the gradient (a step's own KL_t does not depend on its action). Costs one "
-                               "more teacher pass over the recorded steps.")
+    output_dir: str = help_field("runs/opd", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
+    group_size: int = help_field(16, "Student rollouts per prompt G (published 16 for OPD).")
+    prompts_per_iteration: int = help_field(16, "Distinct prompts per iteration (public mix_opd_8gpu: 16 x 16 = 256 "
+                                             "images per epoch on 8 GPUs).")
+    sample_batch_size: int = help_field(4, "Images per sampling batch per process (public OPD: 4).")
+    learning_rate: float = help_field(1e-4, "AdamW learning rate (published 1e-4 for OPD).")
+    mix: str = help_field("prompt", "'prompt': every iteration mixes the tasks, each sample routed to its teacher "
+                           "(the paper's one-hot routing, our default); 'iteration': whole iterations alternate "
+                           "between the tasks by integer weights (the public code's per-epoch alternation).")
+    beta: float = help_field(0.0, "Unused by OPD (must stay 0): its regulariser is MAR, see mar_weight and anchor.")
+    teachers: dict[str, str] = help_field({}, "Task -> teacher adapter (peft directory or mini:NAME) on the same base "
+                                           "as `model`; every prompt source's task needs one.")
+    anchor: str = help_field(BASE_ANCHOR, "MAR's frozen anchor: 'base' (the base network, adapters disabled; the "
+                              "public default) or an adapter directory / mini:NAME.")
+    mar_weight: float = help_field(0.04, "MAR weight lambda of KL(student || anchor) on every sample (public beta "
+                                    "0.04); 0 = no MAR.")
+    mode: str = help_field("pathwise", "'pathwise' (the public code: A_t = -KL_t attached, its gradient through the "
+                            "student's mean; with kl_scale = 'public' for parity), 'kl_only' (A_t detached: with "
+                            "kl_estimator 'analytic' and kl_advantage 'step' its expected gradient is zero - an "
+                            "ablation, warned at start-up), 'gkd' (loss = mean KL_t, no ratio), 'mixed' (task GRPO "
+                            "advantage - KL_t; needs a reward).")
+    kl_estimator: str = help_field("analytic", "Local KL term of the advantage: 'analytic' (KL_t from the two kernel "
+                                    "means) or 'sample' (the detached log-ratio log pi_student - log pi_teacher of the "
+                                    "sampled transition, scaled as kl_scale: its mean is KL_t and its score-function "
+                                    "gradient an unbiased local grad KL_t; with mode 'kl_only' or 'mixed').")
+    kl_grad: str = help_field("detached", "Mode 'mixed' only: 'detached' or 'pathwise' KL part of the advantage.")
+    kl_scale: str = help_field("public", "Scale of KL_t: 'mean' (exact kernel KL per latent element, the scale of the "
+                                "per-element log-prob; advantages rarely reach the +-5 clip), 'sum' (exact kernel KL, "
+                                "summed), 'public' (the public code: per element, over 2 sigma_t^2, = 'mean' x |dt|).")
+    mar_scale: str = help_field("public", "Scale of MAR's KL, as kl_scale; 'public' is the scale its weight 0.04 "
+                                 "was tuned at (Flow-GRPO's KL loss).")
+    kl_advantage: str = help_field("step", "'step': A_t = -KL_t (local term only); 'to_go': A_t = -(KL_t + sum of "
+                                    "the later recorded steps' KL), adding the return-to-go of the dense reward, the "
+                                    "future part of the gradient (a step's own KL_t does not depend on its action). "
+                                    "Costs one more teacher pass over the recorded steps.")
 
 
 def route_to_teacher(metadata: Mapping[str, Any], teachers: Mapping[str, str]) -> str:
@@ -575,8 +571,8 @@ def _train(
     named = lora_parameters(model)
     ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
     reward = None
-    if has_reward(config.reward):
-        reward = Reward(_reward_tasks(config.reward), config.reward.scales, scorers, config.reward.scorer_options,
+    if config.reward.is_set():
+        reward = Reward(config.reward.terms_by_task(), config.reward.scales, scorers, config.reward.scorer_options,
                         config.reward.servers, accelerator.device)
     rng = np.random.default_rng(config.seed)
 

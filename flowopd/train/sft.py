@@ -43,106 +43,69 @@ from flowopd.models.policy import Conditioning, index_cond
 from flowopd.rewards import Reward
 from flowopd.scorers.base import Scorer
 from flowopd.sde import ode_step, sde_step_with_logprob
-from flowopd.train.config import ConfigError, load_config, to_dict
+from flowopd.train.config import ConfigError, TrainConfig, describe_fields, help_field, load_config, to_dict
 from flowopd.train.grpo import (
     GRPOResult,
     PromptSampler,
-    PromptSourceConfig,
-    RewardConfig,
     _build_policy,
     _evaluate,
     _log,
     _resume_dir,
-    _reward_tasks,
     _unwrapped,
     _writer,
-    describe_fields,
     end_iteration,
-    has_reward,
     import_modules,
     load_checkpoint,
 )
-from flowopd.train.grpo import _help as _field
-from flowopd.train.lora import EMA, LORA_TARGET_MODULES, lora_parameters, set_trainable_module
+from flowopd.train.lora import EMA, lora_parameters, set_trainable_module
 from flowopd.train.opd import TeacherSet, adapter_active
 from flowopd.train.rollout import guided_velocity
 
 
 @dataclass
-class SFTConfig:
-    """Cold-start SFT of the LoRA student. Sampling and LoRA defaults follow the published SD3.5-M settings
+class SFTConfig(TrainConfig):
+    """Cold-start SFT of the LoRA student: the shared fields (:class:`flowopd.train.config.TrainConfig`, ten with
+    SFT defaults of their own) and SFT's. Sampling and LoRA defaults follow the published SD3.5-M settings
     (METHOD.md s.3: 512 px, CFG 4.5, 40 ODE steps for images, r 32 / alpha 64 on the attention projections,
     AdamW lr 1e-4 as OPD)."""
 
-    # --- model and run
-    model: str = _field("stabilityai/stable-diffusion-3.5-medium", "Base checkpoint (as GRPOConfig.model).")
-    output_dir: str = _field("runs/sft", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
-    seed: int = _field(42, "Seeds prompts, data noise, (t, eps) draws and the adapter init.")
-    resume: str = _field("", "'' fresh; 'latest' (newest checkpoint in output_dir, fresh if none); or a directory.")
-    imports: list[str] = _field([], "Modules imported first, so that they can register scorers and prompt samplers. "
-                                "Importing runs their code, like a Python file of yours.")
-    mixed_precision: str = _field("bf16", "'no', 'bf16' or 'fp16' for the frozen base (the adapter stays float32).")
-    allow_tf32: bool = _field(True, "TF32 matmuls on Ampere+ GPUs.")
-    cpu: bool = _field(False, "Run on CPU even when a GPU is present.")
-    threads: int = _field(0, "torch CPU threads (0: torch's default).")
-    # --- LoRA student
-    lora_rank: int = _field(32, "LoRA rank (published 32).")
-    lora_alpha: float = _field(64.0, "LoRA alpha (published 64).")
-    lora_target_modules: list[str] = _field(list(LORA_TARGET_MODULES), "Module-name suffixes that get adapters.")
-    lora_init: str = _field("gaussian", "peft init_lora_weights (gaussian: B = 0, the student starts at the base).")
-    lora_path: str = _field("", "Start from this adapter (peft directory or mini:NAME) instead of a fresh one.")
+    # --- shared fields with SFT defaults
+    output_dir: str = help_field("runs/sft", "Checkpoints, tensorboard logs, metrics.jsonl and evaluations.")
+    guidance_scale: float = help_field(4.5, "CFG scale of the data samples (published 4.5).")
+    prompts_per_iteration: int = help_field(32, "Samples (prompts) per iteration over all processes.")
+    sample_batch_size: int = help_field(8, "Prompts per data-sampling batch per process.")
+    mix: str = help_field("prompt", "'prompt': each prompt picks a source by weight; 'iteration': sources "
+                          "alternate.")
+    num_iterations: int = help_field(500, "Iterations to run.")
+    updates_per_iteration: int = help_field(1, "Optimizer steps per pass over the iteration's samples.")
+    learning_rate: float = help_field(1e-4, "AdamW learning rate.")
+    ema: bool = help_field(False, "EMA of the adapter (checkpoints and evaluation then use it).")
+    save_every: int = help_field(50, "Checkpoint every N iterations, and at the end.")
+    eval_every: int = help_field(50, "Evaluate every N iterations, before the first and at the end; 0 = never.")
     # --- data
-    data: str = _field("teachers", "'teachers': each prompt's task teacher samples it; 'best_of_n': the best of "
-                       "best_of_n base samples by the task reward.")
-    teachers: dict[str, str] = _field({}, "data = 'teachers': task -> teacher adapter on the same base as `model`.")
-    best_of_n: int = _field(4, "data = 'best_of_n': base samples per prompt, of which the best is kept.")
-    reward: RewardConfig = _field(RewardConfig(), "data = 'best_of_n': the task rewards (GRPOConfig.reward).")
-    prompts: list[PromptSourceConfig] = _field([], "Prompt sources, one per task (GRPOConfig.prompts).")
-    mix: str = _field("prompt", "'prompt': each prompt picks a source by weight; 'iteration': sources alternate.")
-    resolution: int = _field(512, "Image height and width.")
-    sample_steps: int = _field(40, "ODE steps of the data samples (published evaluation setting 40).")
-    guidance_scale: float = _field(4.5, "CFG scale of the data samples (published 4.5).")
-    max_sequence_length: int = _field(128, "T5 prompt length of SD3 models (the public code: 128; diffusers: 256).")
-    prompts_per_iteration: int = _field(32, "Samples (prompts) per iteration over all processes.")
-    sample_batch_size: int = _field(8, "Prompts per data-sampling batch per process.")
+    data: str = help_field("teachers", "'teachers': each prompt's task teacher samples it; 'best_of_n': the best "
+                           "of best_of_n base samples by the task reward.")
+    teachers: dict[str, str] = help_field({}, "data = 'teachers': task -> teacher adapter on the same base as "
+                                          "`model`.")
+    best_of_n: int = help_field(4, "data = 'best_of_n': base samples per prompt, of which the best is kept.")
+    sample_steps: int = help_field(40, "ODE steps of the data samples (published evaluation setting 40).")
     # --- optimisation
-    num_iterations: int = _field(500, "Iterations to run.")
-    train_batch_size: int = _field(8, "Samples per training micro-batch per process.")
-    updates_per_iteration: int = _field(1, "Optimizer steps per pass over the iteration's samples.")
-    epochs_per_iteration: int = _field(1, "Passes over the iteration's samples, each with fresh (t, eps).")
-    learning_rate: float = _field(1e-4, "AdamW learning rate.")
-    adam_beta1: float = _field(0.9, "AdamW beta1.")
-    adam_beta2: float = _field(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _field(1e-4, "AdamW weight decay.")
-    adam_epsilon: float = _field(1e-8, "AdamW epsilon.")
-    lr_scheduler: str = _field("constant", "diffusers.optimization scheduler name.")
-    lr_warmup_steps: int = _field(0, "Warm-up optimizer steps.")
-    max_grad_norm: float = _field(1.0, "Gradient-norm clip.")
-    anchor_weight: float = _field(1.0, "Weight of the L2 pull ||v_theta - v_base||^2 toward the base velocity "
-                                  "(the paper's 'strong' pull; no published value).")
-    time_sampling: str = _field("logit_normal", "Flow-matching times: 'logit_normal' (SD3's training, "
-                                "t = sigmoid(N(logit_mean, logit_std))) or 'uniform'.")
-    logit_mean: float = _field(0.0, "Mean of the logit-normal times (SD3: 0).")
-    logit_std: float = _field(1.0, "Std of the logit-normal times (SD3: 1).")
-    time_shift: float = _field(1.0, "Shift of the sampled times, t = shift s / (1 + (shift - 1) s) (the public SFT "
-                               "draws its times from the SD3.5 scheduler: shift 3; 1 = none).")
-    time_grid: int = _field(0, "0: continuous times; N: s = 1 - floor(N u) / N before the shift, the public SFT's "
-                            "index into the scheduler's 1000 training timesteps (1000).")
-    data_noise_level: float = _field(0.0, "data = 'best_of_n': 0 samples with the ODE; a > 0 with the Flow-GRPO SDE "
-                                     "at noise level a (the public SFT: 0.7).")
-    loss_guidance_scale: float = _field(1.0, "1: regress the conditional velocity (standard flow matching); > 1: "
-                                        "the CFG velocity at this scale, unconditional branch detached.")
-    ema: bool = _field(False, "EMA of the adapter (checkpoints and evaluation then use it).")
-    ema_decay: float = _field(0.9, "EMA decay (with Flow-GRPO's warm-up).")
-    ema_update_interval: int = _field(8, "Optimizer steps between EMA updates.")
-    # --- checkpoints, evaluation, logging
-    save_every: int = _field(50, "Checkpoint every N iterations, and at the end.")
-    eval_every: int = _field(50, "Evaluate every N iterations, before the first and at the end; 0 = never.")
-    eval_benchmarks: list[str] = _field([], "Benchmarks of flowopd.bench for periodic evaluation.")
-    eval_limit: int | None = _field(None, "Evaluate on the first N prompts of each benchmark (None = all).")
-    eval_batch_size: int = _field(8, "Batch size of evaluation sampling.")
-    tensorboard: bool = _field(True, "Write tensorboard events to <output_dir>/tensorboard.")
-    progress: bool = _field(True, "Show a progress bar.")
+    train_batch_size: int = help_field(8, "Samples per training micro-batch per process.")
+    epochs_per_iteration: int = help_field(1, "Passes over the iteration's samples, each with fresh (t, eps).")
+    anchor_weight: float = help_field(1.0, "Weight of the L2 pull ||v_theta - v_base||^2 toward the base velocity "
+                                      "(the paper's 'strong' pull; no published value).")
+    time_sampling: str = help_field("logit_normal", "Flow-matching times: 'logit_normal' (SD3's training, "
+                                    "t = sigmoid(N(logit_mean, logit_std))) or 'uniform'.")
+    logit_mean: float = help_field(0.0, "Mean of the logit-normal times (SD3: 0).")
+    logit_std: float = help_field(1.0, "Std of the logit-normal times (SD3: 1).")
+    time_shift: float = help_field(1.0, "Shift of the sampled times, t = shift s / (1 + (shift - 1) s) (the public "
+                                   "SFT draws its times from the SD3.5 scheduler: shift 3; 1 = none).")
+    time_grid: int = help_field(0, "0: continuous times; N: s = 1 - floor(N u) / N before the shift, the public "
+                                "SFT's index into the scheduler's 1000 training timesteps (1000).")
+    data_noise_level: float = help_field(0.0, "data = 'best_of_n': 0 samples with the ODE; a > 0 with the Flow-GRPO "
+                                         "SDE at noise level a (the public SFT: 0.7).")
+    loss_guidance_scale: float = help_field(1.0, "1: regress the conditional velocity (standard flow matching); "
+                                            "> 1: the CFG velocity at this scale, unconditional branch detached.")
 
 
 @dataclass
@@ -275,7 +238,7 @@ def check_config(config: SFTConfig, world: int) -> tuple[int, int]:
         if not config.teachers or missing:
             raise ConfigError(f"data = 'teachers': prompt sources of tasks {missing or sorted({s.task for s in config.prompts})} "
                               f"have no teacher; add teachers.<task> = ADAPTER_DIR")
-    elif not has_reward(config.reward) or config.best_of_n < 2:
+    elif not config.reward.is_set() or config.best_of_n < 2:
         raise ConfigError("data = 'best_of_n' needs reward.weights or reward.tasks and best_of_n >= 2")
     for name in ("prompts_per_iteration", "sample_batch_size", "train_batch_size", "updates_per_iteration",
                  "epochs_per_iteration", "num_iterations", "save_every", "sample_steps"):
@@ -336,7 +299,7 @@ def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
     ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
     reward = None
     if config.data == "best_of_n":
-        reward = Reward(_reward_tasks(config.reward), config.reward.scales, scorers, config.reward.scorer_options,
+        reward = Reward(config.reward.terms_by_task(), config.reward.scales, scorers, config.reward.scorer_options,
                         config.reward.servers, accelerator.device)
     rng = np.random.default_rng(config.seed)
 
