@@ -82,8 +82,11 @@ def plan(preset: str = "mini", config: Path | None = None, retrain: bool = False
                 run_recipe(recipe, f"[seesaw] {label}")
     empty = [f"{label} ({d})" for label, d in runs.items() if not run_checkpoints(d)]
     if empty:
-        hint = ("run with --retrain to train them (each GRPO recipe, then the evaluations), or see the committed "
-                "figure reports/mini/seesaw/seesaw.png") if preset == "mini" else f"check the [seesaw] table of {source}"
+        if preset == "mini":
+            hint = ("run with --retrain to train them (each GRPO recipe, then the evaluations), or see the committed "
+                    "figure reports/mini/seesaw/seesaw.png")
+        else:
+            hint = f"check the [seesaw] table of {source}"
         raise MissingCheckpointsError(f"seesaw: no saved checkpoints for {', '.join(empty)}; {hint}")
     points = [Point("base", 0, BASE[preset])]
     for label, d in runs.items():
