@@ -230,7 +230,7 @@ def load_policy(
     if checkpoint.kind == "mini":
         from flowopd.models.mini import load_mini
 
-        return load_mini(checkpoint.path, device=device)
+        return load_mini(checkpoint.label, device=device)  # as named: a missing one is refused naming it
     if checkpoint.base is None:  # sd3: a diffusers directory or a hub id (every adapter has a base)
         return SD3Policy.from_pretrained(checkpoint.label, device=device, dtype=dtype)
     policy = load_policy(checkpoint.base, device=device, dtype=dtype)
