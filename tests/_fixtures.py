@@ -19,6 +19,35 @@ def random_adapter(module: torch.nn.Module, out: Path, base: str, seed: int, ran
     return out
 
 
+def mini_world_with_adapters(root: Path) -> dict[str, Path]:
+    """A small random mini checkpoint saved under ``root/base`` and six random adapters on it (geneval, ocr,
+    quality, pick, merge, sft), by name."""
+    from flowopd.models.mini import MiniTokenizer, build_mini, load_mini, save_mini
+
+    torch.manual_seed(0)
+    policy = build_mini(MiniTokenizer.from_grammar(max_length=20), **MINI_SMALL)
+    torch.nn.init.normal_(policy.net.conv_out.weight, std=0.1)  # zero-initialised: v would not depend on x
+    save_mini(policy, root / "base")
+    out = {"base": root / "base"}
+    for i, name in enumerate(["geneval", "ocr", "quality", "pick", "merge", "sft"]):
+        out[name] = random_adapter(load_mini(root / "base").net, root / name, str(root / "base"), seed=10 + i,
+                                   rank=4)
+    return out
+
+
+def student_with_teachers(mini_world: dict[str, Path], teachers: dict[str, str], anchor: str = "base"):
+    """(policy, student peft model, TeacherSet): a random student adapter on the mini world's base and the
+    ``teachers`` (task -> adapter) loaded beside it."""
+    from flowopd.models.mini import load_mini
+    from flowopd.train.teachers import TeacherSet
+
+    policy = load_mini(mini_world["base"])
+    torch.manual_seed(1)
+    model = add_lora(policy.net, 4, 8, init=False, base_model=str(mini_world["base"]))
+    policy.net = model
+    return policy, model, TeacherSet(model, teachers, anchor, str(mini_world["base"]))
+
+
 def tiny_pipeline_with_teachers(root: Path, seed: int, tasks: tuple[str, ...] = ("geneval", "ocr")) -> dict[str, Path]:
     """The tiny random SD3 pipeline saved under ``root/pipe`` and one random teacher adapter per task."""
     from _tiny_sd3 import tiny_sd3_pipeline

@@ -19,16 +19,15 @@ from safetensors.torch import load_file
 
 from flowopd.bench.spec import get_spec
 from flowopd.train.__main__ import main as train_main
-from flowopd.train.config import ConfigError, load_config
+from flowopd.train.config import ConfigError, PromptSourceConfig, load_config
 from flowopd.train.grpo import (
     GRPOConfig,
-    PromptSampler,
-    PromptSourceConfig,
     compute_advantages,
     micro_batches,
     plan_iteration,
     train,
 )
+from flowopd.train.prompts import PromptSampler
 
 RECIPE = """
 model = "{model}"
@@ -193,7 +192,7 @@ def test_a_checkpoint_or_run_directory_loads_its_adapter(run_a, tiny_model):
 
 def test_lora_path_may_name_a_run_directory(run_a, tiny_model):
     from flowopd.models.sd3 import SD3Policy
-    from flowopd.train.grpo import prepare_policy
+    from flowopd.train.runtime import prepare_policy
 
     saved = load_file(run_a / "a" / "checkpoints" / "iteration-000002" / "adapter" / "adapter_model.safetensors")
     cfg = GRPOConfig(model=str(tiny_model), lora_path=str(run_a / "a"), mixed_precision="no")

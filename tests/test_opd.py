@@ -15,21 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _fixtures import MINI_SMALL, random_adapter, tiny_pipeline_with_teachers, train_keeping_frozen
+from _fixtures import (
+    mini_world_with_adapters,
+    student_with_teachers,
+    tiny_pipeline_with_teachers,
+    train_keeping_frozen,
+)
 from safetensors.torch import load_file
 
 from flowopd.train.__main__ import main as train_main
-from flowopd.train.config import ConfigError, load_config
-from flowopd.train.grpo import PromptSourceConfig
-from flowopd.train.lora import add_lora, unwrap
+from flowopd.train.config import ConfigError, PromptSourceConfig, load_config
+from flowopd.train.lora import unwrap
 from flowopd.train.opd import (
     OPDConfig,
-    TeacherSet,
     check_config,
     future_kl,
     opd_step_loss,
-    route_to_teacher,
-    shared_base_memory,
     step_kl,
 )
 from flowopd.train.rollout import step_log_prob
@@ -82,28 +83,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def mini_world(tmp_path_factory) -> dict[str, Path]:
     """A small random mini checkpoint, two random teacher adapters on it, and its policy loader."""
-    from flowopd.models.mini import MiniTokenizer, build_mini, load_mini, save_mini
-
-    root = tmp_path_factory.mktemp("mini_world")
-    torch.manual_seed(0)
-    policy = build_mini(MiniTokenizer.from_grammar(max_length=20), **MINI_SMALL)
-    torch.nn.init.normal_(policy.net.conv_out.weight, std=0.1)  # zero-initialised: v would not depend on x
-    save_mini(policy, root / "base")
-    out = {"base": root / "base"}
-    for i, name in enumerate(["geneval", "ocr", "quality", "pick", "merge", "sft"]):
-        out[name] = random_adapter(load_mini(root / "base").net, root / name, str(root / "base"), seed=10 + i,
-                                   rank=4)
-    return out
+    return mini_world_with_adapters(tmp_path_factory.mktemp("mini_world"))
 
 
-def _student(mini_world: dict[str, Path], teachers: dict[str, str], anchor: str = "base"):
-    from flowopd.models.mini import load_mini
-
-    policy = load_mini(mini_world["base"])
-    torch.manual_seed(1)
-    model = add_lora(policy.net, 4, 8, init=False, base_model=str(mini_world["base"]))
-    policy.net = model
-    return policy, model, TeacherSet(model, teachers, anchor, str(mini_world["base"]))
+_student = student_with_teachers
 
 
 def _step(policy, seed: int = 0):
@@ -225,47 +208,6 @@ def test_to_go_advantage_adds_the_later_steps_kl(mini_world):
     assert torch.allclose(loss, -adv.mean(), rtol=1e-4) and torch.allclose(stats["advantage_mean"], adv.mean(), rtol=1e-4)
     with pytest.raises(ConfigError, match="gkd"):
         check_config(load_config(OPDConfig, None, ["teachers.geneval=x", "mode=gkd", "kl_advantage=to_go"]))
-
-
-def test_router_sends_every_sample_to_its_task_teacher(mini_world):
-    adapters = {"geneval": "teacher_geneval", "ocr": "teacher_ocr"}
-    metas = [{"task": t, "prompt": f"p{i}"} for i, t in enumerate(["ocr", "geneval", "ocr", "ocr", "geneval"])]
-    assert [route_to_teacher(m, adapters) for m in metas] == [adapters[m["task"]] for m in metas]
-    with pytest.raises(KeyError, match="no teacher for task 'pick'.*teachers.pick"):
-        route_to_teacher({"task": "pick", "prompt": "x"}, adapters)
-    # two tasks sharing one checkpoint share one adapter; the anchor may reuse a teacher's adapter
-    teachers = {"geneval": str(mini_world["geneval"]), "ocr": str(mini_world["ocr"]),
-                "quality": str(mini_world["geneval"])}
-    _, model, tset = _student(mini_world, teachers, anchor=str(mini_world["ocr"]))
-    assert tset.adapter_of == {"geneval": "teacher_geneval", "ocr": "teacher_ocr", "quality": "teacher_geneval"}
-    assert tset.anchor == "teacher_ocr" and tset.frozen == ["teacher_geneval", "teacher_ocr"]
-    assert set(unwrap(model).peft_config) == {"default", "teacher_geneval", "teacher_ocr"}
-    metas = [{"task": t} for t in ["quality", "ocr", "geneval", "ocr", "quality", "geneval"]]
-    routes = tset.routes(metas)
-    assert {k: v.tolist() for k, v in routes.items()} == {"teacher_geneval": [0, 2, 4, 5], "teacher_ocr": [1, 3]}
-    for name, idx in routes.items():
-        assert all(tset.adapter_of[metas[i]["task"]] == name for i in idx.tolist())
-
-
-def test_teachers_must_share_the_students_base(mini_world, tmp_path):
-    from flowopd.models.mini import load_mini
-
-    other = random_adapter(load_mini(mini_world["base"]).net, tmp_path / "other", "mini:elsewhere", seed=3)
-    with pytest.raises(ConfigError, match="share one base network"):
-        _student(mini_world, {"geneval": str(other)})
-
-
-def test_memory_saved_is_n_full_float32_copies_minus_the_adapters(mini_world):
-    from flowopd.models.mini import load_mini
-
-    teachers = {t: str(mini_world[t]) for t in ("geneval", "ocr", "quality", "pick")}
-    _, model, tset = _student(mini_world, teachers)
-    memory = shared_base_memory(model, tset.frozen)
-    base = sum(p.numel() for p in load_mini(mini_world["base"]).net.parameters())
-    adapter = sum(t.numel() * t.element_size() for t in load_file(mini_world["ocr"] / "adapter_model.safetensors").values())
-    assert memory["base_parameters"] == base and memory["copies"] == 4
-    assert memory["full_copies_bytes"] == 4 * base * 4 and memory["adapter_bytes"] == 4 * adapter
-    assert memory["saved_bytes"] == 4 * base * 4 - 4 * adapter > 0
 
 
 def test_config_checks_name_the_key():

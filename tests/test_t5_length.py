@@ -13,7 +13,8 @@ from flowopd.bench.images import apply_generation_settings, image_set_key
 from flowopd.bench.spec import GenerationSpec, SpecError, all_specs, parse_spec
 from flowopd.models.sd3 import SD3Policy
 from flowopd.train.config import ConfigError, load_config
-from flowopd.train.grpo import GRPOConfig, prepare_policy
+from flowopd.train.grpo import GRPOConfig
+from flowopd.train.runtime import prepare_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -332,22 +332,21 @@ def measure_sampling(policy: RandomTextSD3Policy, args: argparse.Namespace, devi
 def measure_grpo_step(
     policy: RandomTextSD3Policy, args: argparse.Namespace, device: torch.device
 ) -> tuple[dict[str, Any], torch.nn.Module]:
-    """Rollout and training step of one GRPO group, through the trainer's own functions (flowopd.train.grpo)."""
+    """Rollout and training step of one GRPO group, through the trainer's own functions (flowopd.train.grpo, and
+    the shared runtime's optimizer set-up, flowopd.train.runtime)."""
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
 
     from flowopd.rewards import ANY_TASK
     from flowopd.train.grpo import (
         GRPOConfig,
         IterationPlan,
-        _rollout,
-        _train_iteration,
         compute_advantages,
         micro_batches,
-        prepare_policy,
+        rollout,
+        train_iteration,
     )
-    from flowopd.train.lora import lora_parameters, set_trainable_module
     from flowopd.train.rollout import sde_window, trained_positions
+    from flowopd.train.runtime import Run, prepare_policy
 
     group = args.grpo_group
     # the published SD3.5-M recipe (GRPOConfig's defaults), one group of `group` samples as one micro-batch
@@ -360,24 +359,18 @@ def measure_grpo_step(
     model = prepare_policy(policy, config)  # as the trainer: frozen base, float32 VAE, float32 LoRA
 
     n_train = len(trained_positions(config.num_steps, config.num_steps, config.timestep_fraction, False))
-    # one optimizer step per micro-batch, accumulated over its trained steps, as flowopd.train.grpo._train sets it
+    # one optimizer step per micro-batch, accumulated over its trained steps, as flowopd.train.grpo.train sets it
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=n_train,
                               cpu=device.type == "cpu")
     if (accelerator.device.type, accelerator.device.index or 0) != (device.type, device.index or 0):  # cuda == cuda:0
         raise RuntimeError(f"the GRPO step runs on accelerate's device {accelerator.device}, not --device {device}; "
                            f"pass --device {accelerator.device} or set CUDA_VISIBLE_DEVICES")
-    named = lora_parameters(model)
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    set_trainable_module(policy, model)
-    named = lora_parameters(model)
+    # AdamW on the adapter and the constant schedule, prepared by accelerate, as the trainer sets them up
+    train_run = Run.prepare(config, accelerator, policy, model, training_steps=args.warmup + args.repeats)
+    model, named = train_run.model, train_run.named
 
     rng = np.random.default_rng(args.seed)
     local = np.arange(group)
-    step = 0
     rollout_s, train_s, stats = [], [], {}
     peaks = {"rollout": math.nan, "train": math.nan}
     before: dict[str, torch.Tensor] = {}
@@ -392,7 +385,7 @@ def measure_grpo_step(
             shuffle_seed=int(rng.integers(0, 2**31 - 1)),
         )
         reset_peak(device)
-        dt, (traj, cond, _, _) = timed(lambda plan=plan: _rollout(config, policy, model, plan, local, None, None),
+        dt, (traj, cond, _, _) = timed(lambda plan=plan: rollout(config, policy, model, plan, local, None, None),
                                        device)
         if timing:
             rollout_s.append(dt)
@@ -404,10 +397,9 @@ def measure_grpo_step(
         if timing and not before:
             before = {n: p.detach().clone() for n, p in named}
         reset_peak(device)
-        dt, (stats, step) = timed(
-            lambda traj=traj, cond=cond, adv=adv, batches=batches, step=step: _train_iteration(
-                config, accelerator, policy, model, named, optimizer, scheduler, None, traj, cond,
-                torch.as_tensor(adv), batches, step),
+        dt, stats = timed(
+            lambda traj=traj, cond=cond, adv=adv, batches=batches: train_iteration(
+                train_run, traj, cond, torch.as_tensor(adv), batches),
             device)
         if timing:
             train_s.append(dt)

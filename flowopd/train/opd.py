@@ -2,18 +2,19 @@
 
 ``python -m flowopd.train opd CONFIG.toml [key=value ...]`` (``accelerate launch -m flowopd.train opd ...``).
 
-One iteration, on the GRPO loop's machinery (flowopd.train.grpo: prompt sampling, rollouts, micro-batches,
-checkpoints with exact resume, logging, evaluation):
+One iteration, on the GRPO loop's machinery (flowopd.train.grpo: rollouts, micro-batches) and the shared
+runtime (flowopd.train.prompts: prompt sampling; flowopd.train.runtime: checkpoints with exact resume, logging,
+evaluation):
 
 1. draw prompts from the recipe's task-tagged sources and repeat each ``group_size`` times. ``mix = "prompt"``
    (default) mixes the tasks in every iteration and routes per sample; ``mix = "iteration"`` alternates whole
    iterations between the tasks, as the public code alternates epochs between its task datasets;
 2. the student samples G SDE trajectories per prompt, recording the trained steps (with a reward configured,
    the images are scored too: per-task reward curves, and the task advantage of mode ``"mixed"``);
-3. at every trained step of every sample the router (:func:`route_to_teacher`) picks the teacher of the
-   sample's task (``metadata["task"]``); the teacher's guided velocity at the *student's* state (same CFG,
-   no gradient) gives its kernel mean, and ``KL_t = KL(student step || teacher step)`` (:func:`step_kl`,
-   ``= w(t) |dt| ||v_student - v_teacher||^2`` summed over the latent, METHOD.md s.3);
+3. at every trained step of every sample the router (:func:`flowopd.train.teachers.route_to_teacher`) picks
+   the teacher of the sample's task (``metadata["task"]``); the teacher's guided velocity at the *student's*
+   state (same CFG, no gradient) gives its kernel mean, and ``KL_t = KL(student step || teacher step)``
+   (:func:`step_kl`, ``= w(t) |dt| ||v_student - v_teacher||^2`` summed over the latent, METHOD.md s.3);
 4. the loss is :func:`flowopd.train.losses.opd_loss`: the clipped surrogate with the dense advantage
    ``A_t = clip(-KL_t, +-5)`` (``pathwise``, the default: attached, the public code; ``kl_only``: detached,
    the paper's literal form, an ablation; ``gkd``: mean KL_t, no ratio; ``mixed``: task GRPO advantage - KL_t),
@@ -41,35 +42,21 @@ With ``log_prob_reduction = "mean"`` (Flow-GRPO's per-element log-prob) every sc
 summed one divided by the number of latent elements D, while the pathwise term is not: the local ``sample``
 gradient is then ``1/D`` of the ``pathwise`` one at the same ``kl_scale``.
 
-**One base network.** Student, teachers and anchor are LoRA adapters on one frozen base network: each
-teacher adapter is loaded under its own adapter name (peft multi-adapter, :class:`TeacherSet`), the router
-switches the active adapter, and the anchor ``"base"`` is the base with every adapter disabled. The public
-code holds one more full transformer per teacher, in float32. The memory saved on the frozen networks is
-
-    saved = N * P_base * 4 bytes - sum_k P_k * b_k
-
-with ``N`` the frozen networks besides the student (one per distinct teacher adapter, plus the anchor when it
-is an adapter of its own), ``P_base`` the parameters of the velocity network (SD3.5-M's transformer:
-2.243e9, 8.97 GB per float32 copy), ``P_k`` the parameters of adapter ``k`` (rank 32 on SD3.5-M's attention
-projections: 18.8e6, 75 MB in float32) and ``b_k`` its bytes per parameter. With the paper's four teachers
-and the base as anchor: 35.9 GB of copies against 0.3 GB of adapters, 35.6 GB saved (counted on the
-transformer built from SD3.5-M's config on the meta device). It is logged at start-up and written to
-``<output_dir>/memory.json`` (:func:`shared_base_memory`).
+Teachers and anchor are LoRA adapters on the student's own base network (:mod:`flowopd.train.teachers`,
+which also counts the memory that saves against the public code's full copies).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,39 +66,40 @@ from flowopd.models.policy import Conditioning, index_cond
 from flowopd.rewards import Reward
 from flowopd.scorers.base import Scorer
 from flowopd.sde import StepOutput, kernel_kl, kernel_log_ratio
-from flowopd.train.config import ConfigError, describe_fields, help_field, load_config, to_dict
+from flowopd.train.config import ConfigError, describe_fields, help_field, load_config
 from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients
 from flowopd.train.grpo import (
     GRPOConfig,
-    GRPOResult,
-    PromptSampler,
-    _build_policy,
-    _check,
-    _evaluate,
-    _log,
-    _resume_dir,
-    _reward_metrics,
-    _rollout,
-    _sample_and_score,
-    _unwrapped,
-    _writer,
+    batch_layout,
     compute_advantages,
-    end_iteration,
-    import_modules,
-    load_checkpoint,
     micro_batches,
     plan_iteration,
     plan_probe,
+    reward_metrics,
+    rollout,
+    sample_and_score,
 )
-from flowopd.train.lora import EMA, lora_parameters, set_trainable_module, trainable_module, unwrap
+from flowopd.train.grpo import check_config as check_grpo_config
 from flowopd.train.losses import Stats, opd_loss, reference_kl, zero_mean_kl_gradient
+from flowopd.train.prompts import PromptSampler
 from flowopd.train.rollout import Trajectory, step_log_prob, trained_positions
+from flowopd.train.runtime import (
+    Run,
+    TrainResult,
+    build_policy,
+    build_reward,
+    gather_stats,
+    import_modules,
+    make_accelerator,
+    mean_grad_norm,
+    torch_threads,
+    unwrapped,
+)
+from flowopd.train.teachers import BASE_ANCHOR, TeacherSet, shared_base_memory
 
 OPD_MODES = ("kl_only", "pathwise", "gkd", "mixed")
 KL_ESTIMATORS = ("analytic", "sample")
 KL_SCALES = ("mean", "sum", "public")
-#: The anchor value meaning "the base network with every adapter disabled".
-BASE_ANCHOR = "base"
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +149,6 @@ class OPDConfig(GRPOConfig):
                                     "Costs one more teacher pass over the recorded steps.")
 
 
-def route_to_teacher(metadata: Mapping[str, Any], teachers: Mapping[str, str]) -> str:
-    """The adapter name of the teacher of the prompt's task (``metadata["task"]``): one-hot routing, METHOD.md s.2."""
-    task = metadata.get("task")
-    if task not in teachers:
-        raise KeyError(
-            f"no teacher for task {task!r} (prompt {metadata.get('prompt')!r}); the recipe has teachers for "
-            f"{sorted(teachers)}: add teachers.{task} = ADAPTER_DIR or give the prompt source another task"
-        )
-    return teachers[task]
-
-
 def step_kl(student: StepOutput, other_mean: torch.Tensor, scale: str = "mean") -> torch.Tensor:
     """Per-sample KL(student step || other step) from the two kernel means (same state, same std), METHOD.md s.3.
 
@@ -208,171 +185,8 @@ def sampled_step_kl(next_x: torch.Tensor, mean: torch.Tensor, other_mean: torch.
     raise ValueError(f"sampled_step_kl: scale must be one of {KL_SCALES}, got {scale!r}")
 
 
-@contextlib.contextmanager
-def adapter_active(model: torch.nn.Module, name: str | None) -> Iterator[None]:
-    """Run ``model`` with adapter ``name`` active (``None``: every adapter disabled, the base network).
-
-    peft's ``set_adapter`` also makes the adapter it activates trainable; the ``requires_grad`` flags are
-    restored on exit, so the student stays the only trainable adapter.
-    """
-    peft_model = unwrap(model)
-    if name is None:
-        with peft_model.disable_adapter():
-            yield
-        return
-    previous = peft_model.active_adapter
-    flags = [(p, p.requires_grad) for n, p in peft_model.named_parameters() if ".lora_" in n]
-    peft_model.set_adapter(name)
-    try:
-        yield
-    finally:
-        peft_model.set_adapter(previous)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _plain_module(policy: Any, model: torch.nn.Module) -> Iterator[None]:
-    """The policy's velocity network out of its DDP wrapper for a while (restoring whatever was there)."""
-    previous = trainable_module(policy)
-    set_trainable_module(policy, unwrap(model))
-    try:
-        yield
-    finally:
-        set_trainable_module(policy, previous)
-
-
-def shared_base_memory(model: torch.nn.Module, adapters: Sequence[str]) -> dict[str, float]:
-    """Memory of the frozen networks ``adapters`` kept as adapters on the student's base, against one full
-    float32 copy of the velocity network each (the public code's layout); see the module docstring.
-
-    Returns the counts and bytes: ``base_parameters`` (P_base, LoRA weights excluded), ``copies`` (N),
-    ``full_copies_bytes`` (N * P_base * 4), ``adapter_parameters`` and ``adapter_bytes`` (sum over the
-    adapters), ``saved_bytes`` (the difference).
-    """
-    peft_model = unwrap(model)
-    base = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" not in n)
-    params = bytes_ = 0
-    for name in adapters:
-        own = [p for n, p in peft_model.named_parameters() if f".{name}." in n and ".lora_" in n]
-        if not own:
-            raise KeyError(f"shared_base_memory: the model has no adapter named {name!r}")
-        params += sum(p.numel() for p in own)
-        bytes_ += sum(p.numel() * p.element_size() for p in own)
-    copies = len(adapters) * base * 4
-    return {"base_parameters": base, "copies": len(adapters), "full_copies_bytes": copies,
-            "adapter_parameters": params, "adapter_bytes": bytes_, "saved_bytes": copies - bytes_}
-
-
 def _mib(n: float) -> str:
     return f"{n / 2**20:.3g} MiB"
-
-
-class TeacherSet:
-    """The teachers (one adapter per distinct checkpoint) and the anchor, loaded onto the student's peft model.
-
-    Args:
-        model: the student's peft model (before accelerate wraps it).
-        teachers: task -> adapter checkpoint (directory or ``mini:NAME``).
-        anchor: ``"base"`` or an adapter checkpoint (reused when it is one of the teachers').
-        base_model: the student's base checkpoint; every adapter's ``base_model_name_or_path`` must name it.
-    """
-
-    def __init__(self, model: torch.nn.Module, teachers: Mapping[str, str], anchor: str, base_model: str) -> None:
-        peft_model = unwrap(model)
-        self.adapter_of: dict[str, str] = {}  # task -> adapter name
-        loaded: dict[str, str] = {}  # checkpoint -> adapter name
-        for task, checkpoint in sorted(teachers.items()):
-            if checkpoint not in loaded:
-                loaded[checkpoint] = _load_frozen_adapter(peft_model, checkpoint, f"teacher_{task}", base_model,
-                                                          f"teachers.{task}")
-            self.adapter_of[task] = loaded[checkpoint]
-        if anchor == BASE_ANCHOR:
-            self.anchor: str | None = None
-        elif anchor in loaded:
-            self.anchor = loaded[anchor]
-        else:
-            self.anchor = _load_frozen_adapter(peft_model, anchor, "anchor", base_model, "anchor")
-        self.frozen = sorted(set(loaded.values()) | ({self.anchor} if self.anchor else set()))
-
-    def route_to_teacher(self, metadata: Mapping[str, Any]) -> str:
-        return route_to_teacher(metadata, self.adapter_of)
-
-    def routes(self, metas: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """``{adapter name: indices of the samples it labels}`` for a batch."""
-        names = [self.route_to_teacher(m) for m in metas]
-        return {name: torch.as_tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
-                for name in sorted(set(names))}
-
-    @torch.no_grad()
-    def kernel_means(
-        self,
-        config: OPDConfig,
-        policy: Any,
-        model: torch.nn.Module,
-        name: str | None,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        t_next: torch.Tensor,
-        next_x: torch.Tensor,
-        cond: Conditioning,
-    ) -> torch.Tensor:
-        """The step's kernel mean under adapter ``name`` (``None``: the base) at the given states, with CFG.
-
-        The forward skips the DDP wrapper: the number of teacher forwards differs between processes (it
-        follows the routing), and DDP may synchronise buffers in a forward.
-        """
-        with adapter_active(model, name), _plain_module(policy, model):
-            return step_log_prob(policy, x, t, t_next, next_x, cond, config.guidance_scale, config.noise_level,
-                                 config.sde_type, config.log_prob_reduction).mean
-
-    @torch.no_grad()
-    def teacher_means(
-        self,
-        config: OPDConfig,
-        policy: Any,
-        model: torch.nn.Module,
-        routes: Mapping[str, torch.Tensor],
-        x: torch.Tensor,
-        t: torch.Tensor,
-        t_next: torch.Tensor,
-        next_x: torch.Tensor,
-        cond: Conditioning,
-    ) -> torch.Tensor:
-        """Each sample's routed teacher kernel mean (one forward per teacher on its samples)."""
-        out: torch.Tensor | None = None
-        for name, idx in routes.items():
-            i = idx.to(x.device)
-            mean = self.kernel_means(config, policy, model, name, x[i], t, t_next, next_x[i], index_cond(cond, i))
-            if out is None:
-                out = torch.empty((x.shape[0], *mean.shape[1:]), dtype=mean.dtype, device=mean.device)
-            out[i] = mean
-        if out is None:
-            raise ValueError("teacher_means: empty batch")
-        return out
-
-
-def _load_frozen_adapter(peft_model: Any, checkpoint: str, name: str, base_model: str, key: str) -> str:
-    from flowopd.models.loading import adapter_base, model_dir
-
-    path = model_dir(checkpoint)
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{key} = {checkpoint!r}: no peft adapter at {path} (expected adapter_config.json)")
-    base = adapter_base(checkpoint, base=None)
-    if not _same_checkpoint(base, base_model):
-        raise ConfigError(f"{key} = {checkpoint!r} is an adapter of {base!r} but the student's model is "
-                          f"{base_model!r}: teachers, anchor and student must share one base network")
-    peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-    return name
-
-
-def _same_checkpoint(a: str, b: str) -> bool:
-    from flowopd.models.loading import checkpoint_dir
-
-    if a == b:
-        return True
-    pa, pb = checkpoint_dir(a), checkpoint_dir(b)
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 @torch.no_grad()
@@ -475,20 +289,15 @@ def train(
     config: OPDConfig,
     scorers: Mapping[str, Scorer] | None = None,
     eval_scorers: Mapping[str, Scorer] | None = None,
-) -> GRPOResult:
+) -> TrainResult:
     """Run the recipe. ``scorers`` (by scorer name) and ``eval_scorers`` (by benchmark) may be injected."""
-    previous = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _train(config, scorers, eval_scorers)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def check_config(config: OPDConfig) -> None:
     """Errors that name the key at fault, before anything loads."""
-    _check(config, require_reward=config.mode == "mixed")
+    check_grpo_config(config, require_reward=config.mode == "mixed")
     choices = {"mode": OPD_MODES, "kl_scale": KL_SCALES, "mar_scale": KL_SCALES, "kl_grad": ("detached", "pathwise"),
                "kl_advantage": ("step", "to_go"), "kl_estimator": KL_ESTIMATORS}
     for name, allowed in choices.items():
@@ -524,11 +333,7 @@ def zero_gradient_warning(config: OPDConfig) -> str | None:
 
 def _train(
     config: OPDConfig, scorers: Mapping[str, Scorer] | None, eval_scorers: Mapping[str, Scorer] | None
-) -> GRPOResult:
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from diffusers.optimization import get_scheduler
-
+) -> TrainResult:
     import_modules(config.imports)
     check_config(config)
     warning = zero_gradient_warning(config)
@@ -536,86 +341,41 @@ def _train(
         logger.warning(warning)
     n_train = len(trained_positions(config.num_steps, config.sde_window_size or config.num_steps,
                                     config.timestep_fraction, config.sde_window_size > 0))
-    total = config.prompts_per_iteration * config.group_size
-    world = PartialState(cpu=config.cpu).num_processes
-    if total % (world * config.sample_batch_size):
-        raise ConfigError(f"prompts_per_iteration x group_size = {total} samples must split into {world} processes "
-                          f"x batches of sample_batch_size = {config.sample_batch_size}")
-    n_batches = total // (world * config.sample_batch_size)
-    if n_batches % config.updates_per_iteration:
-        raise ConfigError(f"{n_batches} sampling batches per process do not split into updates_per_iteration = "
-                          f"{config.updates_per_iteration} equal updates")
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=n_batches // config.updates_per_iteration * n_train,
-        cpu=config.cpu,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-    set_seed(config.seed)
-    out_dir = Path(config.output_dir)
+    total, n_batches = batch_layout(config)
+    accelerator = make_accelerator(config, n_batches // config.updates_per_iteration * n_train)
     sampler = PromptSampler(config.prompts, config.mix)
-
-    policy, model = _build_policy(config, accelerator.device)
+    policy, model = build_policy(config, accelerator.device)
     teachers = TeacherSet(model, config.teachers, config.anchor, config.model)
     memory = shared_base_memory(model, teachers.frozen)
-    named = lora_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [p for _, p in named], lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-    )
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                              num_training_steps=config.num_iterations * config.updates_per_iteration)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    set_trainable_module(policy, model)
-    named = lora_parameters(model)
-    ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
-    reward = None
-    if config.reward.is_set():
-        reward = Reward(config.reward.terms_by_task(), config.reward.scales, scorers, config.reward.scorer_options,
-                        config.reward.servers, accelerator.device)
-    rng = np.random.default_rng(config.seed)
+    run = Run.prepare(config, accelerator, policy, model, config.num_iterations * config.updates_per_iteration,
+                      eval_scorers)
+    reward = build_reward(config.reward, scorers, accelerator.device) if config.reward.is_set() else None
+    run.begin()
+    if run.is_main_process:
+        memory_file = run.out_dir / "memory.json"
+        memory_file.write_text(json.dumps({"frozen_adapters": teachers.frozen, **memory}, indent=1) + "\n")
+        logger.info(f"opd: {memory['copies']} frozen networks ({', '.join(teachers.frozen)}) kept as adapters on "
+                    f"one base of {memory['base_parameters']:,} parameters: {_mib(memory['adapter_bytes'])} instead "
+                    f"of {_mib(memory['full_copies_bytes'])} of float32 copies, {_mib(memory['saved_bytes'])} saved")
+    cosines = None
+    if config.grad_cosine_every and run.is_main_process:
+        cosines = GradientCosineCSV(run.out_dir / "grad_cosines.csv", run.start)
 
-    start, step = 0, 0
-    resume_dir = _resume_dir(config, out_dir)
-    if resume_dir is not None:
-        start, step = load_checkpoint(resume_dir, accelerator, named, optimizer, scheduler, ema, rng)
-    main_process = accelerator.is_main_process
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
-        (out_dir / "memory.json").write_text(json.dumps({"frozen_adapters": teachers.frozen, **memory}, indent=1) + "\n")
-        print(f"opd: {memory['copies']} frozen networks ({', '.join(teachers.frozen)}) kept as adapters on one "
-              f"base of {memory['base_parameters']:,} parameters: {_mib(memory['adapter_bytes'])} instead of "
-              f"{_mib(memory['full_copies_bytes'])} of float32 copies, {_mib(memory['saved_bytes'])} saved",
-              file=sys.stderr)
-    writer = _writer(out_dir, start) if config.tensorboard and main_process else None
-    cosines = GradientCosineCSV(out_dir / "grad_cosines.csv", start) if config.grad_cosine_every and main_process else None
-    history: list[dict[str, float]] = []
-    checkpoints: list[Path] = []
-    if config.eval_every and config.eval_benchmarks and resume_dir is None:
-        history.append(_log({"iteration": 0, **_evaluate(config, policy, model, named, ema, 0, eval_scorers,
-                                                          accelerator)}, writer, out_dir, main_process))
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=config.num_iterations, initial=start, desc="opd", unit="it",
-               disable=not (config.progress and accelerator.is_local_main_process))
+    bar = run.progress_bar("opd")
     executor = ThreadPoolExecutor(config.reward_workers) if config.reward_workers > 0 and reward is not None else None
     try:
-        for iteration in range(start + 1, config.num_iterations + 1):
+        for iteration in run.iterations():
             t0 = time.perf_counter()
-            plan = plan_iteration(config, sampler, rng, iteration)
+            plan = plan_iteration(config, sampler, run.rng, iteration)
             metrics: dict[str, Any] = {}
             if config.grad_cosine_every and iteration % config.grad_cosine_every == 0:
-                metrics.update(_gradient_probe(config, accelerator, policy, model, teachers, named, sampler, reward,
-                                               iteration, cosines))
+                metrics.update(_gradient_probe(run, teachers, sampler, reward, iteration, cosines))
             n_local = total // accelerator.num_processes
             local = np.arange(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
-            traj, cond, rewards, timing = _rollout(config, policy, model, plan, local, reward, executor)
+            traj, cond, rewards, timing = rollout(config, policy, run.model, plan, local, reward, executor)
             task_adv = None
             if rewards is not None:
-                metrics.update(_reward_metrics(accelerator, plan, rewards, reward.keys))
+                metrics.update(reward_metrics(accelerator, plan, rewards, reward.keys))
                 total_r = metrics.pop("_total")
                 if config.mode == "mixed":
                     adv, _ = compute_advantages(total_r, plan.group_ids, config.adv_clip_max, config.advantage_std)
@@ -623,50 +383,40 @@ def _train(
             metas_local = [plan.metas[i] for i in local]
             later = None
             if config.kl_advantage == "to_go":
-                later = future_kl(config, policy, model, teachers, traj, cond, metas_local)
+                later = future_kl(config, policy, run.model, teachers, traj, cond, metas_local)
             t1 = time.perf_counter()
             # every sample carries a dense KL advantage: none is dropped
             batches = micro_batches(np.ones(len(local), dtype=bool), n_batches,
                                     np.random.default_rng([plan.shuffle_seed, accelerator.process_index]))
-            stats, step = _train_iteration(config, accelerator, policy, model, teachers, named, optimizer, scheduler,
-                                           ema, traj, cond, metas_local, task_adv, later, batches, step)
-            metrics.update(stats)
+            metrics.update(_train_iteration(run, teachers, traj, cond, metas_local, task_adv, later, batches))
             del traj, cond
             metrics.update({"time/sample_s": timing["sample"], "time/reward_wait_s": timing["reward_wait"],
                             "time/train_s": time.perf_counter() - t1})
-            history.append(end_iteration(config, accelerator, policy, model, named, optimizer, scheduler, ema, rng,
-                                         iteration, step, metrics, t0, checkpoints, eval_scorers, writer))
+            run.end_iteration(iteration, metrics, t0)
             bar.update(1)
             bar.set_postfix(kl=f"{metrics.get('train/kl_t', math.nan):.4g}")
     finally:
         bar.close()
         if executor is not None:
             executor.shutdown(wait=True)
-        if writer is not None:
-            writer.close()
-    accelerator.wait_for_everyone()
-    return GRPOResult(out_dir, max(start, config.num_iterations), step, history, checkpoints, policy)
+        run.close()
+    return run.finish()
 
 
 def _train_iteration(
-    config: OPDConfig,
-    accelerator: Any,
-    policy: Any,
-    model: torch.nn.Module,
+    run: Run,
     teachers: TeacherSet,
-    named: list[tuple[str, torch.nn.Parameter]],
-    optimizer: Any,
-    scheduler: Any,
-    ema: EMA | None,
     traj: Trajectory,
     cond: Conditioning,
     metas: Sequence[Mapping[str, Any]],
     task_adv: torch.Tensor | None,
     later: torch.Tensor | None,
     batches: list[np.ndarray],
-    step: int,
-) -> tuple[dict[str, float], int]:
-    """The OPD loss over every trained step of every micro-batch; per-task mean KL_t for the logs."""
+) -> dict[str, float]:
+    """The OPD loss over every trained step of every micro-batch (advancing ``run.step``); per-task mean KL_t
+    for the logs."""
+    config, accelerator, policy, model = run.config, run.accelerator, run.policy, run.model
+    optimizer, scheduler, ema, named, step = run.optimizer, run.scheduler, run.ema, run.named, run.step
     model.train()
     positions = trained_positions(config.num_steps, len(traj.step_indices), config.timestep_fraction,
                                   config.sde_window_size > 0)
@@ -705,31 +455,21 @@ def _train_iteration(
                 step += 1
                 if ema is not None:
                     ema.update(named, step)
-    reduce = {"ratio_min": torch.min, "ratio_max": torch.max}
-    out = {}
-    for k, v in collected.items():
-        local = torch.stack(v)
-        part = reduce[k](local) if k in reduce else local.mean()
-        every = accelerator.gather(part.reshape(1).to(device))
-        out[f"train/{k}"] = float(reduce[k](every) if k in reduce else every.mean())
+    run.step = step
+    out = gather_stats(accelerator, collected)
     sums = accelerator.gather(torch.stack([kl_sum, kl_count]).to(device).unsqueeze(0)).sum(0).cpu()
     for i, task in enumerate(tasks):
         if sums[1, i] > 0:
             out[f"kl_task/{task}"] = float(sums[0, i] / sums[1, i])
-    if grad_norms:
-        out["train/grad_norm"] = float(torch.stack([torch.as_tensor(g, dtype=torch.float32) for g in grad_norms]).mean())
+    out.update(mean_grad_norm(grad_norms))
     if lrs:
         out["train/lr"] = float(lrs[-1])
-    return out, step
+    return out
 
 
 def _gradient_probe(
-    config: OPDConfig,
-    accelerator: Any,
-    policy: Any,
-    model: torch.nn.Module,
+    run: Run,
     teachers: TeacherSet,
-    named: Sequence[tuple[str, torch.nn.Parameter]],
     sampler: PromptSampler,
     reward: Reward | None,
     iteration: int,
@@ -737,12 +477,13 @@ def _gradient_probe(
 ) -> dict[str, float]:
     """The task-gradient cosines of the OPD loss (MAR left out) on a probe batch, main process only
     (flowopd.train.diagnostics)."""
+    config, policy, model = run.config, run.policy, run.model
     metrics: dict[str, float] = {}
-    if accelerator.is_main_process:
+    if run.is_main_process:
         plan = plan_probe(config, sampler, iteration)
         model.eval()
-        with _unwrapped(policy, model):
-            traj, cond, rewards, _ = _sample_and_score(config, policy, plan, np.arange(len(plan.metas)), reward, None)
+        with unwrapped(policy, model):
+            traj, cond, rewards, _ = sample_and_score(config, policy, plan, np.arange(len(plan.metas)), reward, None)
             adv = later = None
             if config.mode == "mixed":
                 adv = torch.as_tensor(compute_advantages(rewards.total, plan.group_ids, config.adv_clip_max,
@@ -760,9 +501,9 @@ def _gradient_probe(
             positions = trained_positions(config.num_steps, len(traj.step_indices), config.timestep_fraction,
                                           config.sde_window_size > 0)
             grads = probe_task_gradients(task_loss, [m["task"] for m in plan.metas], positions,
-                                         [p for _, p in named], config.sample_batch_size)
+                                         [p for _, p in run.named], config.sample_batch_size)
         metrics = grads.metrics()
         if csv is not None:
             csv.write(iteration, grads.cosines())
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return metrics

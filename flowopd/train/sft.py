@@ -4,7 +4,7 @@ One iteration:
 
 1. draw ``prompts_per_iteration`` prompts from the recipe's task-tagged sources (each process its share);
 2. make the data, without gradient. ``data = "teachers"``: the teacher of each prompt's task (the OPD
-   router; teachers are adapters on the student's own base network, :class:`flowopd.train.opd.TeacherSet`)
+   router; teachers are adapters on the student's own base network, :class:`flowopd.train.teachers.TeacherSet`)
    samples one image with the deterministic ODE sampler and CFG. ``data = "best_of_n"``: the base network
    (adapters disabled) samples ``best_of_n`` images per prompt and the task reward (flowopd.rewards) keeps
    the best;
@@ -18,8 +18,8 @@ One iteration:
    the conditional one (``loss_guidance_scale = 1``) or the CFG velocity with the unconditional branch
    detached. ``epochs_per_iteration`` passes over the iteration's samples with fresh ``(t, eps)``, each in
    ``updates_per_iteration`` AdamW updates over micro-batches of ``train_batch_size``;
-4. checkpoints with exact resume, tensorboard and ``metrics.jsonl``, periodic evaluation: as in GRPO
-   (flowopd.train.grpo). The checkpoint's ``adapter/`` is the student's cold start for OPD (``lora_path``).
+4. checkpoints with exact resume, tensorboard and ``metrics.jsonl``, periodic evaluation: the shared runtime
+   (flowopd.train.runtime). The checkpoint's ``adapter/`` is the student's cold start for OPD (``lora_path``).
 
 The paper gives no weight for the pull toward the base; ``anchor_weight = 1`` (as strong as the data term)
 is our default.
@@ -27,13 +27,11 @@ is our default.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,23 +41,22 @@ from flowopd.models.policy import Conditioning, index_cond
 from flowopd.rewards import Reward
 from flowopd.scorers.base import Scorer
 from flowopd.sde import ode_step, sde_step_with_logprob
-from flowopd.train.config import ConfigError, TrainConfig, describe_fields, help_field, load_config, to_dict
-from flowopd.train.grpo import (
-    GRPOResult,
-    PromptSampler,
-    _build_policy,
-    _evaluate,
-    _log,
-    _resume_dir,
-    _unwrapped,
-    _writer,
-    end_iteration,
-    import_modules,
-    load_checkpoint,
-)
-from flowopd.train.lora import EMA, lora_parameters, set_trainable_module
-from flowopd.train.opd import TeacherSet, adapter_active
+from flowopd.train.config import ConfigError, TrainConfig, describe_fields, help_field, load_config
+from flowopd.train.prompts import PromptSampler
 from flowopd.train.rollout import guided_velocity
+from flowopd.train.runtime import (
+    Run,
+    TrainResult,
+    build_policy,
+    build_reward,
+    gather_stats,
+    import_modules,
+    make_accelerator,
+    mean_grad_norm,
+    torch_threads,
+    unwrapped,
+)
+from flowopd.train.teachers import BASE_ANCHOR, TeacherSet, adapter_active
 
 
 @dataclass
@@ -218,15 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train(config: SFTConfig, scorers: Mapping[str, Scorer] | None = None,
-          eval_scorers: Mapping[str, Scorer] | None = None) -> GRPOResult:
+          eval_scorers: Mapping[str, Scorer] | None = None) -> TrainResult:
     """Run the recipe. ``scorers`` (by scorer name) and ``eval_scorers`` (by benchmark) may be injected."""
-    previous = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _train(config, scorers, eval_scorers)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def check_config(config: SFTConfig, world: int) -> tuple[int, int]:
@@ -263,90 +255,44 @@ def check_config(config: SFTConfig, world: int) -> tuple[int, int]:
 
 
 def _train(config: SFTConfig, scorers: Mapping[str, Scorer] | None,
-           eval_scorers: Mapping[str, Scorer] | None) -> GRPOResult:
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from diffusers.optimization import get_scheduler
+           eval_scorers: Mapping[str, Scorer] | None) -> TrainResult:
+    from accelerate import PartialState
 
     import_modules(config.imports)
     world = PartialState(cpu=config.cpu).num_processes
     n_micro, accumulation = check_config(config, world)
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {config.mixed_precision!r}")
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=accumulation, cpu=config.cpu,
-        # adapters whose output does not reach the loss (SD3's last text queries) get no gradient
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-    set_seed(config.seed)
-    out_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config, accumulation)
     sampler = PromptSampler(config.prompts, config.mix)
-
-    policy, model = _build_policy(config, accelerator.device)
-    teachers = TeacherSet(model, config.teachers, "base", config.model) if config.data == "teachers" else None
-    named = lora_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [p for _, p in named], lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-    )
+    policy, model = build_policy(config, accelerator.device)
+    teachers = TeacherSet(model, config.teachers, BASE_ANCHOR, config.model) if config.data == "teachers" else None
     steps_per_iteration = config.epochs_per_iteration * config.updates_per_iteration
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                              num_training_steps=config.num_iterations * steps_per_iteration)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    set_trainable_module(policy, model)
-    named = lora_parameters(model)
-    ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
-    reward = None
-    if config.data == "best_of_n":
-        reward = Reward(config.reward.terms_by_task(), config.reward.scales, scorers, config.reward.scorer_options,
-                        config.reward.servers, accelerator.device)
-    rng = np.random.default_rng(config.seed)
+    run = Run.prepare(config, accelerator, policy, model, config.num_iterations * steps_per_iteration, eval_scorers)
+    reward = build_reward(config.reward, scorers, accelerator.device) if config.data == "best_of_n" else None
+    run.begin()
 
-    start, step = 0, 0
-    resume_dir = _resume_dir(config, out_dir)
-    if resume_dir is not None:
-        start, step = load_checkpoint(resume_dir, accelerator, named, optimizer, scheduler, ema, rng)
-    main_process = accelerator.is_main_process
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
-    writer = _writer(out_dir, start) if config.tensorboard and main_process else None
-    history: list[dict[str, float]] = []
-    checkpoints: list[Path] = []
-    if config.eval_every and config.eval_benchmarks and resume_dir is None:
-        history.append(_log({"iteration": 0, **_evaluate(config, policy, model, named, ema, 0, eval_scorers,
-                                                          accelerator)}, writer, out_dir, main_process))
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=config.num_iterations, initial=start, desc="sft", unit="it",
-               disable=not (config.progress and accelerator.is_local_main_process))
+    bar = run.progress_bar("sft")
     n_local = config.prompts_per_iteration // world
     try:
-        for iteration in range(start + 1, config.num_iterations + 1):
+        for iteration in run.iterations():
             t0 = time.perf_counter()
-            plan = plan_sft(config, sampler, rng, iteration)
+            plan = plan_sft(config, sampler, run.rng, iteration)
             local = np.arange(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
-            model.eval()
-            with _unwrapped(policy, model):
-                x0, cond, metrics = _make_data(config, policy, model, teachers, reward, plan, local)
+            run.model.eval()
+            with unwrapped(policy, run.model):
+                x0, cond, metrics = _make_data(config, policy, run.model, teachers, reward, plan, local)
             metrics.update(_gather_means(accelerator, metrics))
             t1 = time.perf_counter()
-            stats, step = _train_iteration(config, accelerator, policy, model, named, optimizer, scheduler, ema,
-                                           x0, cond, plan, local, n_micro, step)
-            metrics.update(stats)
+            metrics.update(_train_iteration(run, x0, cond, plan, local, n_micro))
             metrics.update({"time/data_s": t1 - t0, "time/train_s": time.perf_counter() - t1})
-            history.append(end_iteration(config, accelerator, policy, model, named, optimizer, scheduler, ema, rng,
-                                         iteration, step, metrics, t0, checkpoints, eval_scorers, writer))
+            run.end_iteration(iteration, metrics, t0)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.4g}")
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
-    accelerator.wait_for_everyone()
-    return GRPOResult(out_dir, max(start, config.num_iterations), step, history, checkpoints, policy)
+        run.close()
+    return run.finish()
 
 
 def _make_data(
@@ -430,30 +376,19 @@ def _gather_means(accelerator: Any, metrics: Mapping[str, float]) -> dict[str, f
 
 
 def _train_iteration(
-    config: SFTConfig,
-    accelerator: Any,
-    policy: Any,
-    model: torch.nn.Module,
-    named: list[tuple[str, torch.nn.Parameter]],
-    optimizer: Any,
-    scheduler: Any,
-    ema: EMA | None,
-    x0: torch.Tensor,
-    cond: Conditioning,
-    plan: SFTPlan,
-    local: np.ndarray,
-    n_micro: int,
-    step: int,
-) -> tuple[dict[str, float], int]:
-    """``epochs_per_iteration`` passes of flow matching + pull over the samples, in shuffled micro-batches."""
+    run: Run, x0: torch.Tensor, cond: Conditioning, plan: SFTPlan, local: np.ndarray, n_micro: int
+) -> dict[str, float]:
+    """``epochs_per_iteration`` passes of flow matching + pull over the samples, in shuffled micro-batches
+    (advancing ``run.step``)."""
+    config, accelerator, policy, model = run.config, run.accelerator, run.policy, run.model
+    optimizer, scheduler, ema, named, step = run.optimizer, run.scheduler, run.ema, run.named, run.step
     model.train()
     params = [p for _, p in named]
-    device = accelerator.device
     collected: dict[str, list[torch.Tensor]] = {}
     grad_norms = []
     shuffle = np.random.default_rng([plan.shuffle_seed, accelerator.process_index])
     for epoch in range(config.epochs_per_iteration):
-        with _unwrapped(policy, model):  # SD3's initial_noise reads the transformer's config, which DDP hides
+        with unwrapped(policy, model):  # SD3's initial_noise reads the transformer's config, which DDP hides
             eps = policy.initial_noise(plan.eps_seeds[epoch, local].tolist(), config.resolution,
                                        config.resolution).float()
         times = torch.as_tensor(plan.times[epoch, local], dtype=torch.float32)
@@ -474,11 +409,8 @@ def _train_iteration(
                 step += 1
                 if ema is not None:
                     ema.update(named, step)
-    out = {}
-    for k, v in collected.items():
-        out[f"train/{k}"] = float(accelerator.gather(torch.stack(v).mean().reshape(1).to(device)).mean())
-    if grad_norms:
-        out["train/grad_norm"] = float(torch.stack([torch.as_tensor(g, dtype=torch.float32) for g in grad_norms]).mean())
+    run.step = step
+    out = {**gather_stats(accelerator, collected), **mean_grad_norm(grad_norms)}
     out["train/lr"] = float(scheduler.get_last_lr()[0])
-    return out, step
+    return out
 
