@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowopd.models.loading import load_policy, model_dir
 from flowopd.rewards import Reward
 from flowopd.scorers.base import Scorer
 from flowopd.train.config import ConfigError, RewardConfig, TrainConfig, to_dict
@@ -121,8 +122,6 @@ def make_accelerator(config: TrainConfig, gradient_accumulation_steps: int) -> A
 
 def build_policy(config: TrainConfig, device: torch.device) -> tuple[Any, torch.nn.Module]:
     """Load the base policy frozen in the run's dtype and put a float32 LoRA adapter on its velocity network."""
-    from flowopd.models.loading import load_policy
-
     policy = load_policy(config.model, device=device, dtype=_DTYPES[config.mixed_precision])
     return policy, prepare_policy(policy, config)
 
@@ -142,8 +141,6 @@ def prepare_policy(policy: Any, config: TrainConfig) -> torch.nn.Module:
             pipe.vae.to(torch.float32)  # decoding in float32, as Flow-GRPO keeps its VAE
     else:
         trainable_module(policy).to(dtype)
-    from flowopd.models.loading import model_dir
-
     adapter = str(model_dir(config.lora_path)) if config.lora_path else None  # mini:NAME, a run or checkpoint
     model = add_lora(trainable_module(policy), config.lora_rank, config.lora_alpha, config.lora_target_modules,
                      config.lora_init, adapter_path=adapter, base_model=config.model)
@@ -327,6 +324,7 @@ class Run:
     def evaluate(self, iteration: int) -> dict[str, float]:
         """Every metric (``mean`` and per tag) of the evaluation benchmarks (flowopd.bench.evaluate) with the
         EMA weights, main process only."""
+        # imported here: seconds of imports (scorers, diffusers) that a run without evaluation does not pay
         from flowopd.bench.evaluate import evaluate
 
         config, metrics = self.config, {}
