@@ -13,10 +13,12 @@ peft ``LoraConfig(target_modules=...)`` serves both scales; the text encoder's p
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,11 +131,16 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace``: the elementwise ops overwrite their (temporary) inputs - the same values, no autograd."""
         scale, shift = self.film(cond)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
-        return self.skip(x) + h
+        if not inplace:
+            h = self.conv1(F.silu(self.norm1(x)))
+            h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+            return self.skip(x) + h
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h).mul_(1 + scale).add_(shift), inplace=True))
+        return h.add_(self.skip(x))  # IEEE addition commutes: skip(x) + h, bit for bit
 
 
 class JointAttention(nn.Module):
@@ -262,19 +269,48 @@ class MiniUNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.denoise(x, t, self.encode_text(tokens, mask), mask)
+
+    def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token text states and the pooled text's FiLM term: what the velocity needs of the prompt."""
         txt, pooled = self.text_encoder(tokens, mask)
-        cond = F.silu(self.time_mlp(timestep_embedding(t, 64)) + self.text_pool(pooled))
-        h1 = self.down1(self.conv_in(x), cond)
-        h2 = self.down2(self.pool1(h1), cond)
-        h3 = self.down3(self.pool2(h2), cond)
+        return txt, self.text_pool(pooled)
+
+    def denoise(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        inference: bool = False,
+    ) -> torch.Tensor:
+        """The velocity from :meth:`encode_text`'s ``text``. ``inference`` (no autograd) computes the same values
+        with in-place elementwise ops and nearest upsampling by a strided copy (interpolate's backward would
+        sum the gradient in its own order, so training keeps interpolate)."""
+        txt, text_cond = text
+        cond = F.silu(self.time_mlp(timestep_embedding(t, 64)) + text_cond)
+        upsample = _repeat2x if inference else _interpolate2x
+        h1 = self.down1(self.conv_in(x), cond, inference)
+        h2 = self.down2(self.pool1(h1), cond, inference)
+        h3 = self.down3(self.pool2(h2), cond, inference)
         h3, txt = self.attn_down(h3, txt, mask)
-        h, txt = self.attn_mid(self.mid(h3, cond), txt, mask)
-        h, _ = self.attn_up(self.up3(torch.cat([h, h3], 1), cond), txt, mask)
-        h = self.unpool2(F.interpolate(h, scale_factor=2, mode="nearest"))
-        h = self.up2(torch.cat([h, h2], 1), cond)
-        h = self.unpool1(F.interpolate(h, scale_factor=2, mode="nearest"))
-        h = self.up1(torch.cat([h, h1], 1), cond)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h, txt = self.attn_mid(self.mid(h3, cond, inference), txt, mask)
+        h, _ = self.attn_up(self.up3(torch.cat([h, h3], 1), cond, inference), txt, mask)
+        h = self.unpool2(upsample(h))
+        h = self.up2(torch.cat([h, h2], 1), cond, inference)
+        h = self.unpool1(upsample(h))
+        h = self.up1(torch.cat([h, h1], 1), cond, inference)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=inference))
+
+
+def _interpolate2x(h: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(h, scale_factor=2, mode="nearest")
+
+
+def _repeat2x(h: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x upsampling as one strided copy: interpolate's values, three times faster on a CPU."""
+    n, c, height, width = h.shape
+    return h[:, :, :, None, :, None].expand(n, c, height, 2, width, 2).reshape(n, c, 2 * height, 2 * width)
 
 
 class MiniPolicy(nn.Module):
@@ -319,6 +355,36 @@ class MiniPolicy(nn.Module):
         v_cond, v_uncond = self.net(torch.cat([x, x]), torch.cat([t, t]), tokens, mask).chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
+    def sampling_velocity(
+        self, cond: Conditioning, guidance_scale: float
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(x, t) -> velocity(x, t, cond, guidance_scale)`` for a sampling loop over fixed weights without
+        autograd: the same bits, faster.
+
+        The prompts are encoded once instead of at every step (the same rows that :meth:`velocity`'s one forward
+        encodes), the network runs with :meth:`MiniUNet.denoise`'s inference ops, and on a CPU glibc keeps freed
+        memory for the next step (:func:`keep_freed_memory`). Every op sees the shapes it sees in
+        :meth:`velocity`. With autograd on, or a wrapped network (DDP), this is :meth:`velocity` itself.
+        """
+        net = self.net
+        if torch.is_grad_enabled() or not hasattr(net, "denoise"):
+            return lambda x, t: self.velocity(x, t, cond, guidance_scale)
+        tokens, mask = cond["tokens"], cond["mask"]
+        if guidance_scale != 1.0:
+            tokens, mask = torch.cat([tokens, cond["negative_tokens"]]), torch.cat([mask, cond["negative_mask"]])
+        text = net.encode_text(tokens, mask)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = t.to(x.device).expand(x.shape[0])
+            if guidance_scale == 1.0:
+                return net.denoise(x, t, text, mask, inference=True)
+            v_cond, v_uncond = net.denoise(torch.cat([x, x]), torch.cat([t, t]), text, mask, inference=True).chunk(2)
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+        return velocity
+
     def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
         return seeded_noise(seeds, (3, height, width)).to(self.device)
 
@@ -329,6 +395,22 @@ class MiniPolicy(nn.Module):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS (once per process; the heap
+    then stays at its peak size). A sampling step frees and allocates the same large activations again; by
+    default glibc unmaps or trims them and the next step faults them in again page by page, which costs system
+    time. Returns False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def build_mini(tokenizer: MiniTokenizer, shift: float = 1.0, **model_options: Any) -> MiniPolicy:

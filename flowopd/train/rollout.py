@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from flowopd.models.policy import Conditioning, Policy
+from flowopd.sampling import step_velocity
 from flowopd.sde import StepOutput, cps_step_with_logprob, ode_step, sde_step_with_logprob
 
 SDEType = Literal["sde", "cps"]
@@ -160,6 +161,7 @@ def sample_sde_trajectory(
     generator: torch.Generator | list[torch.Generator] | None = None,
     reduction: Literal["mean", "sum"] = "mean",
     sde_type: SDEType = "sde",
+    reference: bool = False,
 ) -> Trajectory:
     """Sample from ``noise`` (t = 1) to t = 0, recording the stochastic steps (see the module docstring).
 
@@ -175,6 +177,7 @@ def sample_sde_trajectory(
             depends on the batch it is drawn in.
         reduction: log-prob over elements: ``"mean"`` (Flow-GRPO) or ``"sum"`` (exact log-density).
         sde_type: ``"sde"`` (Flow-GRPO) or ``"cps"`` (coefficient-preserving sampling).
+        reference: every step through ``policy.velocity`` (flowopd.sampling.step_velocity; same values).
     """
     if sde_type not in _STEPS:
         raise ValueError(f"sde_type must be one of {sorted(_STEPS)}, got {sde_type!r}")
@@ -184,9 +187,10 @@ def sample_sde_trajectory(
     times = policy.timesteps(num_steps)
     x = noise.to(policy.device, torch.float32)
     rec: dict[str, list[torch.Tensor]] = {k: [] for k in ("states", "next_states", "log_probs", "means", "stds")}
+    velocity = step_velocity(policy, cond, guidance_scale, reference)  # policy.velocity's values, faster
     for i in range(num_steps):
         t, t_next = times[i], times[i + 1]
-        v = policy.velocity(x, t.expand(x.shape[0]).to(x.device), cond, guidance_scale)
+        v = velocity(x, t.expand(x.shape[0]).to(x.device))
         if i not in steps:
             x = ode_step(x, v.float(), t, t_next)
             continue

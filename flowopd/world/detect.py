@@ -118,18 +118,27 @@ _SMOOTH = 0.8  # px; noise of std 0.05 then costs ~0.02 IoU instead of ~0.06
 _NOISE_FLOOR = 0.05  # alpha below this is background noise, not the object's blurred fringe
 
 
+@lru_cache(maxsize=256)
+def _subpixel_centres(n: int) -> np.ndarray:
+    """Centres of the ``n * _SHAPE_SS`` subpixels along an axis of ``n`` pixels (read-only, shared)."""
+    centres = (np.arange(n * _SHAPE_SS) + 0.5) / _SHAPE_SS
+    centres.flags.writeable = False
+    return centres
+
+
 def _coverage(cls: str, height: int, width: int, box: tuple[float, float, float, float]) -> np.ndarray:
     """Soft coverage of ``cls`` inscribed in the continuous box (x0, y0, w, h) on a height x width grid."""
     x0, y0, bw, bh = box
-    y = ((np.arange(height * _SHAPE_SS) + 0.5) / _SHAPE_SS - y0)[:, None] / bh  # box-relative coordinates
-    x = ((np.arange(width * _SHAPE_SS) + 0.5) / _SHAPE_SS - x0)[None, :] / bw
+    y = (_subpixel_centres(height) - y0)[:, None] / bh  # box-relative coordinates
+    x = (_subpixel_centres(width) - x0)[None, :] / bw
     if cls == "circle":
         inside = (x - 0.5) ** 2 + (y - 0.5) ** 2 <= 0.25
     else:
         inside = (x >= 0) & (x <= 1) & (y >= 0) & (y <= 1)
         if cls == "triangle":
             inside &= np.abs(x - 0.5) <= y / 2
-    return inside.reshape(height, _SHAPE_SS, width, _SHAPE_SS).mean(axis=(1, 3))
+    # a count of subpixels over their number: exact, the same as a float mean, and faster
+    return inside.reshape(height, _SHAPE_SS, width, _SHAPE_SS).sum(axis=(1, 3)) / _SHAPE_SS**2
 
 
 @lru_cache(maxsize=1024)

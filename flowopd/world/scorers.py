@@ -8,6 +8,8 @@ Definitions and scales: docs/mini_world.md.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -308,10 +310,31 @@ def quality_penalty(m: Measurements) -> float:
     return sum(w * float(getattr(m, key)) for key, w in QUALITY_WEIGHTS.items())
 
 
+_MEASURED: OrderedDict[tuple[tuple[int, ...], bytes], Measurements] = OrderedDict()
+_MEASURED_MAX = 1024  # images remembered (an evaluation's pick and quality share 192)
+_MEASURED_LOCK = threading.Lock()  # GRPO scores rewards on a worker thread
+
+
+def _measure_remembered(image: np.ndarray) -> Measurements:
+    """:func:`measure`, remembered by the image's pixels: the quality and preference analogues measure the same
+    images (in an evaluation, mini-pick and mini-quality both score mini-geneval's)."""
+    key = (image.shape, image.tobytes())
+    with _MEASURED_LOCK:
+        if key in _MEASURED:
+            _MEASURED.move_to_end(key)
+            return _MEASURED[key]
+    m = measure(image)  # the array itself, not a copy from the key: same memory layout, same float sums
+    with _MEASURED_LOCK:
+        _MEASURED[key] = m
+        while len(_MEASURED) > _MEASURED_MAX:
+            _MEASURED.popitem(last=False)
+    return m
+
+
 def _per_image(
     images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]
 ) -> list[Measurements]:
-    return [measure(image) for image in _check_batch(images, prompts, metadata)]
+    return [_measure_remembered(image) for image in _check_batch(images, prompts, metadata)]
 
 
 class MiniQualityScorer:
