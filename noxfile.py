@@ -57,14 +57,17 @@ def multiprocess(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "flowopd", "tests", "noxfile.py")
+    # every Python file the project ships: flowopd, tests, benchmarks, reports' scripts, this file
+    # (ruff skips what .gitignore names: runs/, reports/out/, the environments)
+    session.run("ruff", "check", ".")
 
 
 def _table(session: nox.Session, name: str) -> None:
     """``nox -s NAME -- [--preset mini|sd35m] [--retrain] [--config FILE]``: print the table beside the paper's."""
     session.log(f"{name}: installing torch and flowopd into the session's environment (minutes the first time)")
     _install(session)
-    session.log(f"{name}: evaluating each row (progress per row below); the report goes to reports/out/{name}/ unless --out")
+    session.log(f"{name}: evaluating each row (progress per row below); "
+                f"the report goes to reports/out/{name}/ unless --out")
     session.run("python", "-m", "flowopd.paper", "table", name, *session.posargs, env=_env())
 
 
@@ -123,7 +126,8 @@ def serve(session: nox.Session, scorer: str) -> None:
 
 @nox.session
 def parity(session: nox.Session) -> None:
-    """Our scorers against the official packages on the same random weights: ``-- [--only hps,ocr] [--work DIR] [--full]``.
+    """Our scorers against the official packages on the same random weights: \
+``-- [--only hps,ocr] [--work DIR] [--full]``.
 
     Not in the default run. Builds (once) two official environments under .nox/parity-envs/ (torch 2.14 +
     image-reward, hpsv2, open_clip, openai clip, mmdet 3.3; PaddleOCR 2.9.1) and prints one table row per compared

@@ -165,7 +165,9 @@ def cps_step_with_logprob(
     elif log_prob_kind == "flow_grpo":
         log_prob = _reduce(-((value - mean) ** 2), reduction)
     else:
-        raise ValueError(f"cps_step_with_logprob: log_prob_kind must be 'gaussian' or 'flow_grpo', got {log_prob_kind!r}")
+        raise ValueError(
+            f"cps_step_with_logprob: log_prob_kind must be 'gaussian' or 'flow_grpo', got {log_prob_kind!r}"
+        )
     return StepOutput(sample=sample, mean=mean, std=std, log_prob=log_prob, sigma=std)
 
 
@@ -210,7 +212,9 @@ def kl_time_weight(t: TimeLike, noise_level: float, t_guard: TimeLike | None = N
     at ``t = 1`` (where the closed form would wrongly give 0).
     """
     if noise_level <= 0:
-        raise ValueError(f"kl_time_weight: noise_level must be > 0 (the kernels are point masses at 0), got {noise_level}")
+        raise ValueError(
+            f"kl_time_weight: noise_level must be > 0 (the kernels are point masses at 0), got {noise_level}"
+        )
     t = _as_float(t)
     sigma = sigma_t(t, noise_level, t_guard)
     return (1 + sigma**2 * (1 - t) / (2 * t)) ** 2 / (2 * sigma**2)
@@ -257,7 +261,9 @@ def _prepare(
     shape = (x.shape[0], *([1] * (x.ndim - 1)))
     for name, value in (("t", t), ("t_next", t_next)):
         if torch.as_tensor(value).numel() not in (1, x.shape[0]):
-            raise ValueError(f"SDE step: {name} has {torch.as_tensor(value).numel()} entries for a batch of {x.shape[0]}")
+            raise ValueError(
+                f"SDE step: {name} has {torch.as_tensor(value).numel()} entries for a batch of {x.shape[0]}"
+            )
     tt = _as_float(t).to(device=x.device, dtype=dtype).reshape(-1, *shape[1:]).expand(shape)
     tn = _as_float(t_next).to(device=x.device, dtype=dtype).reshape(-1, *shape[1:]).expand(shape)
     if bool((tn >= tt).any()) or bool((tn < 0).any()) or bool((tt > 1).any()):
@@ -280,7 +286,9 @@ def _draw(
         if noise is not None or generator is not None:
             raise ValueError("SDE step: pass either prev_sample (evaluate) or noise/generator (sample), not both")
         if prev_sample.shape != mean.shape:
-            raise ValueError(f"SDE step: prev_sample {tuple(prev_sample.shape)} must have the shape of x {tuple(mean.shape)}")
+            raise ValueError(
+                f"SDE step: prev_sample {tuple(prev_sample.shape)} must have the shape of x {tuple(mean.shape)}"
+            )
         return prev_sample
     if noise is None:
         noise = _randn(mean.shape, generator, mean.device)

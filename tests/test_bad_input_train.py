@@ -164,12 +164,14 @@ def test_a_sampler_typo_gets_a_close_match(world, tmp_path, capsys):
 
 RUN_CASES = [
     ("prompts=[{task='x', prompt_set={pth='x.txt', format='lines'}}]",
-     [r"unknown key 'prompts\[0\]\.prompt_set\.pth' for PromptSetSpec", r"did you mean prompts\[0\]\.prompt_set\.path"]),
+     [r"unknown key 'prompts\[0\]\.prompt_set\.pth' for PromptSetSpec",
+      r"did you mean prompts\[0\]\.prompt_set\.path"]),
     ("prompts=[{task='x', sampler='mini-world', sampler_args={bogus=1}}]",
      [r"prompts\[0\]\.sampler_args: got an unexpected keyword argument 'bogus' \(sampler 'mini-world'\)"]),
     ("prompts=[{task='x', benchmark='no-such-benchmark'}]", [r"unknown benchmark 'no-such-benchmark'"]),
     ("reward.weights.no-such-scorer=1", [r"unknown scorer 'no-such-scorer'"]),
-    ("sde_window_size=5", [r"sde_window_range must be \[lo, hi\] with lo \+ sde_window_size <= min\(hi, num_steps = 3\)"]),
+    ("sde_window_size=5",
+     [r"sde_window_range must be \[lo, hi\] with lo \+ sde_window_size <= min\(hi, num_steps = 3\)"]),
     ("model=/no/such/model", [r"could not load '/no/such/model'"]),
 ]
 
@@ -279,7 +281,8 @@ def test_publish_refuses_to_replace_a_directory_that_is_not_a_model(world, tmp_p
     home = tmp_path / "home"
     (home / "projects").mkdir(parents=True)
     (home / "notes.txt").write_text("mine")
-    _fails(capsys, ["publish", str(world / "run"), str(home)], r"exists and is not a published model \(it holds projects\)")
+    _fails(capsys, ["publish", str(world / "run"), str(home)],
+           r"exists and is not a published model \(it holds projects\)")
     assert (home / "projects").is_dir() and (home / "notes.txt").read_text() == "mine"
 
 

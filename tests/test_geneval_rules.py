@@ -234,7 +234,8 @@ def test_colour_classifier_callable() -> None:
         calls.append((classname, [d.score for d in dets]))
         return ["green" if d.score > 0.85 else "pink" for d in dets]
 
-    m = meta("color_attr", [{"class": "car", "count": 1, "color": "green"}, {"class": "bird", "count": 1, "color": "pink"}])
+    m = meta("color_attr",
+             [{"class": "car", "count": 1, "color": "green"}, {"class": "bird", "count": 1, "color": "pink"}])
     dets = {"car": [det(0, 0, 1, 1, 0.9), det(2, 2, 3, 3, 0.5)], "bird": [det(5, 5, 6, 6, 0.6)]}
     assert evaluate_geneval(m, dets, classify).correct
     assert calls == [("car", [0.9]), ("bird", [0.6])]  # only the top-count detections are classified

@@ -41,7 +41,8 @@ def restore_threads():
 
 def test_entry_point_runs_20_steps_and_loss_falls(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "flowopd.train", "pretrain", str(CONFIG), "max_steps=20", "checkpoint_every=10", f"out={out}", *TINY]
+    cmd = [sys.executable, "-m", "flowopd.train", "pretrain", str(CONFIG), "max_steps=20", "checkpoint_every=10",
+           f"out={out}", *TINY]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     losses = _losses(out)
@@ -136,4 +137,5 @@ def test_committed_config_is_the_recipe_of_the_committed_base() -> None:
 def test_dispatcher_rejects_unknown_subcommand(capsys) -> None:
     assert train_main(["pretrian", str(CONFIG)]) == 2
     err = capsys.readouterr().err
-    assert "unknown subcommand 'pretrian'" in err and "did you mean 'pretrain'" in err and "pretrain" in err.split("known:")[1]
+    assert "unknown subcommand 'pretrian'" in err and "did you mean 'pretrain'" in err
+    assert "pretrain" in err.split("known:")[1]

@@ -56,8 +56,8 @@ def _generators(seeds):
 def test_recomputed_log_prob_of_the_recorded_step_equals_the_recorded_one(mini, sde_type):
     cond = mini.encode_prompts(PROMPTS)
     noise = mini.initial_noise([1, 2, 3, 4], 16, 16)
-    traj = sample_sde_trajectory(mini, cond, noise, 4, 4.0, 0.7, sde_steps=[0, 1, 2], generator=_generators([5, 6, 7, 8]),
-                                 sde_type=sde_type)
+    traj = sample_sde_trajectory(mini, cond, noise, 4, 4.0, 0.7, sde_steps=[0, 1, 2],
+                                 generator=_generators([5, 6, 7, 8]), sde_type=sde_type)
     assert traj.states.shape == (4, 3, 3, 16, 16) and traj.log_probs.shape == (4, 3)
     assert traj.step_indices.tolist() == [0, 1, 2] and traj.images.shape == (4, 3, 16, 16)
     assert torch.isfinite(traj.log_probs).all()
@@ -145,6 +145,7 @@ def test_detached_unconditional_branch_keeps_the_value_and_drops_its_gradient(mi
     assert pairs and all(torch.allclose(a, b, atol=1e-6) for a, b, _ in pairs)
     assert any(not torch.allclose(a, c, atol=1e-6) for a, _, c in pairs)
     swapped = unconditional(cond)
-    assert torch.equal(swapped["tokens"], cond["negative_tokens"]) and torch.equal(swapped["mask"], cond["negative_mask"])
+    assert torch.equal(swapped["tokens"], cond["negative_tokens"])
+    assert torch.equal(swapped["mask"], cond["negative_mask"])
     with pytest.raises(ValueError, match="negative-prompt"):
         unconditional({"embeds": cond["tokens"]})

@@ -93,7 +93,8 @@ def test_official_head_file_loads_through_its_keys(tmp_path):
     torch.manual_seed(5)
     ref = MLPHead(768)
     # the official file is an OrderedDict with exactly these keys (checked against the released .pth)
-    state = {f"layers.{i}.{p}": getattr(ref.layers[i], p).detach().clone() for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+    state = {f"layers.{i}.{p}": getattr(ref.layers[i], p).detach().clone()
+             for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
     torch.save(state, tmp_path / "head.pth")
     loaded = load_aesthetic_mlp(str(tmp_path / "head.pth"))
     x = torch.randn(2, 768)

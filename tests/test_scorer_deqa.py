@@ -96,7 +96,8 @@ def test_rule_on_hand_made_logits():
 
 def test_levels_prompt_and_token_rules():
     assert LEVELS == ("excellent", "good", "fair", "poor", "bad")
-    assert PROMPT == "USER: How would you rate the quality of this image?\n<|image|>\nASSISTANT: The quality of the image is"
+    assert PROMPT == ("USER: How would you rate the quality of this image?\n<|image|>\n"
+                      "ASSISTANT: The quality of the image is")
     tok = tiny_llama_tokenizer()
     assert level_token_ids(tok) == [tok.convert_tokens_to_ids(w) for w in LEVELS]
     ids = tokenize_with_image(PROMPT, tok)

@@ -94,7 +94,8 @@ def test_report_marks_non_official_cells_with_a_footnote(tmp_path):
     })
     assert is_official(res["benchmarks"]["hps"]) is False and is_official(res["benchmarks"]["old"]) is None
     summary = markdown_summary(res)
-    lines = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| ") and "mean" in line}
+    lines = {line.split("|")[1].strip(): line
+             for line in summary.splitlines() if line.startswith("| ") and "mean" in line}
     assert f"0.500{NON_OFFICIAL_MARK}" in lines["hps"]
     assert NON_OFFICIAL_MARK not in lines["pickscore"] and NON_OFFICIAL_MARK not in lines["old"]
     assert "non-official engine" in summary
@@ -149,7 +150,8 @@ def test_official_engine_scores_through_the_official_server(serve, monkeypatch):
     scorer = HPSScorer(engine="official", official_url=url)
     images = torch.rand(3, 3, 8, 8)
     batch = scorer.score(images, ["a", "b", "c"])
-    np.testing.assert_allclose(batch.scores, (images * 255).round().double().mean(dim=(1, 2, 3)).numpy() / 255, atol=1e-12)
+    np.testing.assert_allclose(batch.scores, (images * 255).round().double().mean(dim=(1, 2, 3)).numpy() / 255,
+                               atol=1e-12)
     record = engine_record(scorer)
     assert record["engine"] == "hpsv2" and record["official"] is True
 
@@ -179,10 +181,12 @@ def test_bad_engine_is_refused_naming_the_option(cls_path):
 def test_ocr_auto_engine_choice_is_recorded(tmp_path, monkeypatch):
     from flowopd.scorers import ocr
 
-    monkeypatch.setattr(ocr, "paddleocr_model_dirs", lambda options=None, lang="en": (_ for _ in ()).throw(ImportError("no paddle")))
+    monkeypatch.setattr(ocr, "paddleocr_model_dirs",
+                        lambda options=None, lang="en": (_ for _ in ()).throw(ImportError("no paddle")))
     assert ocr.choose_engine("auto") == ("rapidocr", "paddleocr unavailable (no paddle)")
     dirs = {k: tmp_path / k for k in ("det", "rec", "cls")}
-    monkeypatch.setattr(ocr, "paddleocr_model_dirs", lambda options=None, lang="en": {k: str(v) for k, v in dirs.items()})
+    monkeypatch.setattr(ocr, "paddleocr_model_dirs",
+                        lambda options=None, lang="en": {k: str(v) for k, v in dirs.items()})
     engine, why = ocr.choose_engine("auto")
     assert engine == "rapidocr" and "models missing" in why
     for d in dirs.values():

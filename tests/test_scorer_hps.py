@@ -67,7 +67,8 @@ def open_clip_state_dict(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
         "token_embedding.weight": r(t["vocab_size"], tw),
         "ln_final.weight": 1 + r(tw), "ln_final.bias": r(tw),
     }
-    for prefix, w, n in (("visual.transformer.resblocks.", vw, v["layers"]), ("transformer.resblocks.", tw, t["layers"])):
+    for prefix, w, n in (("visual.transformer.resblocks.", vw, v["layers"]),
+                         ("transformer.resblocks.", tw, t["layers"])):
         for i in range(n):
             b = f"{prefix}{i}."
             sd.update({
@@ -149,7 +150,9 @@ def test_converted_model_equals_open_clip_computation(tiny):
     scores = scorer.score(images, PROMPTS, [{}] * 3).scores
     pixel_values = clip_pixel_values(images, 32, resize="longest_pad")
     enc = tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
-    open_clip_tokens = torch.where(torch.arange(77) < (enc == tokenizer.eos_token_id).int().argmax(-1, keepdim=True) + 1, enc, 0)
+    open_clip_tokens = torch.where(
+        torch.arange(77) < (enc == tokenizer.eos_token_id).int().argmax(-1, keepdim=True) + 1, enc, 0
+    )
     with torch.no_grad():
         img = open_clip_image_features(sd, cfg, pixel_values)
         txt = open_clip_text_features(sd, cfg, open_clip_tokens)  # open_clip pads with 0
@@ -199,12 +202,15 @@ def test_config_conversion_of_vit_h_14():
     from flowopd.scorers.hps import OPEN_CLIP_VIT_H_14
 
     c = clip_config_from_open_clip(OPEN_CLIP_VIT_H_14)
-    assert (c.vision_config.hidden_size, c.vision_config.num_attention_heads, c.vision_config.intermediate_size) == (1280, 16, 5120)
+    vision, text = c.vision_config, c.text_config
+    assert (vision.hidden_size, vision.num_attention_heads, vision.intermediate_size) == (1280, 16, 5120)
     assert (c.vision_config.num_hidden_layers, c.vision_config.patch_size) == (32, 14)
-    assert (c.text_config.hidden_size, c.text_config.num_attention_heads, c.text_config.num_hidden_layers) == (1024, 16, 24)
+    assert (text.hidden_size, text.num_attention_heads, text.num_hidden_layers) == (1024, 16, 24)
     assert c.projection_dim == 1024 and c.text_config.hidden_act == "gelu" and c.text_config.eos_token_id == 49407
     with pytest.raises(ValueError, match="ls_init_value"):
-        clip_config_from_open_clip({**OPEN_CLIP_VIT_H_14, "vision_cfg": {**OPEN_CLIP_VIT_H_14["vision_cfg"], "ls_init_value": 1e-5}})
+        clip_config_from_open_clip(
+            {**OPEN_CLIP_VIT_H_14, "vision_cfg": {**OPEN_CLIP_VIT_H_14["vision_cfg"], "ls_init_value": 1e-5}}
+        )
 
 
 def test_resize_longest_pad_is_open_clip_resize_max_size():

@@ -30,7 +30,8 @@ def tiny_bert_tokenizer():
     from transformers import BertTokenizer
 
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    tokens += [c for c in "bcdefghijklmnopqrstuvwxyz" if c not in tokens] + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    tokens += [c for c in "bcdefghijklmnopqrstuvwxyz" if c not in tokens]
+    tokens += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # as BLIP does
     return tokenizer
@@ -54,7 +55,8 @@ def official_state_dict(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     for i in range(VDEPTH):
         b = f"{ve}blocks.{i}."
         sd.update({
-            b + "norm1.weight": 1 + r(VW), b + "norm1.bias": r(VW), b + "norm2.weight": 1 + r(VW), b + "norm2.bias": r(VW),
+            b + "norm1.weight": 1 + r(VW), b + "norm1.bias": r(VW),
+            b + "norm2.weight": 1 + r(VW), b + "norm2.bias": r(VW),
             b + "attn.qkv.weight": r(3 * VW, VW), b + "attn.qkv.bias": r(3 * VW),
             b + "attn.proj.weight": r(VW, VW), b + "attn.proj.bias": r(VW),
             b + "mlp.fc1.weight": r(4 * VW, VW), b + "mlp.fc1.bias": r(4 * VW),
@@ -62,7 +64,8 @@ def official_state_dict(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
         })
     te = "blip.text_encoder."
     sd.update({
-        te + "embeddings.word_embeddings.weight": r(vocab, TH), te + "embeddings.position_embeddings.weight": r(TMAXPOS, TH),
+        te + "embeddings.word_embeddings.weight": r(vocab, TH),
+        te + "embeddings.position_embeddings.weight": r(TMAXPOS, TH),
         te + "embeddings.LayerNorm.weight": 1 + r(TH), te + "embeddings.LayerNorm.bias": r(TH),
         te + "embeddings.position_ids": torch.arange(TMAXPOS).unsqueeze(0),
     })
@@ -107,9 +110,11 @@ def official_vit(sd, pixel_values):
         qkv = F.linear(h, sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]).reshape(B, N, 3, VHEADS, C // VHEADS)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         attn = ((q @ k.transpose(-2, -1)) * (C // VHEADS) ** -0.5).softmax(-1)
-        x = x + F.linear((attn @ v).transpose(1, 2).reshape(B, N, C), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(B, N, C),
+                         sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
         h = F.layer_norm(x, (VW,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], eps=1e-6)
-        x = x + F.linear(F.gelu(F.linear(h, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])), sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
+        x = x + F.linear(F.gelu(F.linear(h, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])),
+                         sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
     return F.layer_norm(x, (VW,), sd[ve + "norm.weight"], sd[ve + "norm.bias"], eps=1e-6)
 
 
@@ -190,7 +195,8 @@ def test_every_official_key_is_mapped_to_the_right_parameter(tiny):
         assert torch.equal(ours[name], value), key
         used += 1
     assert used == len(ours)  # every parameter of our model came from the checkpoint
-    assert official_key_to_ours("blip.visual_encoder.blocks.3.attn.proj.weight") == "vision.encoder.layers.3.self_attn.projection.weight"
+    assert (official_key_to_ours("blip.visual_encoder.blocks.3.attn.proj.weight")
+            == "vision.encoder.layers.3.self_attn.projection.weight")
     assert official_key_to_ours("mlp.layers.7.bias") == "head.layers.7.bias"
     with pytest.raises(KeyError, match="blip.text_decoder.cls.weight"):
         convert_official_state_dict({"blip.text_decoder.cls.weight": torch.zeros(1)})

@@ -65,7 +65,9 @@ class TinyQwenProcessor:
         self.image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return self.tokenizer.apply_chat_template(messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt
+        )
 
     def __call__(self, text, images, padding=True, return_tensors="pt"):
         from transformers import BatchFeature
@@ -90,8 +92,9 @@ def tiny_qwen25_vl(tokenizer, seed: int = 0):
             num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
             max_position_embeddings=512, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1], window_size=56),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
+                           window_size=56),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
     )
@@ -236,7 +239,8 @@ class FakeClient:
 
 def _reply(task: str) -> str:
     if "red cube" in task:
-        return "<Thought>fine</Thought><QualityScore>4</QualityScore><InstructionScore>5</InstructionScore><OverallScore>5</OverallScore>"
+        return ("<Thought>fine</Thought><QualityScore>4</QualityScore><InstructionScore>5</InstructionScore>"
+                "<OverallScore>5</OverallScore>")
     if "dogs" in task:
         return "<OverallScore>3</OverallScore>"
     return "I cannot rate this."

@@ -49,8 +49,10 @@ def test_retrain_runs_only_the_missing_rows_recipe(tmp_path):
     (present / "adapter_config.json").write_text('{"kept": true}')
     missing = tmp_path / "missing"
     table = {"name": "t", "rows": [
-        {"label": "present", "run": {"mini": str(present)}, "recipe": {"mini": [f"publish {tmp_path / 'run'} {present}"]}},
-        {"label": "missing", "run": {"mini": str(missing)}, "recipe": {"mini": [f"publish {tmp_path / 'run'} {missing}"]}},
+        {"label": "present", "run": {"mini": str(present)},
+         "recipe": {"mini": [f"publish {tmp_path / 'run'} {present}"]}},
+        {"label": "missing", "run": {"mini": str(missing)},
+         "recipe": {"mini": [f"publish {tmp_path / 'run'} {missing}"]}},
     ]}
     retrain(table, "mini")
     assert (missing / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()

@@ -453,7 +453,8 @@ def run(args: argparse.Namespace) -> PerfResult:
         except torch.cuda.OutOfMemoryError as e:  # keep the sampling numbers; the report says what failed
             m["grpo_error"] = (f"out of memory with --grpo-group {args.grpo_group} "
                                f"({str(e).splitlines()[0]}); try a smaller group")
-        _log(f"GRPO: rollout {m.get('rollout_s', math.nan):.4g} s, training step {m.get('train_step_s', math.nan):.4g} s")
+        _log(f"GRPO: rollout {m.get('rollout_s', math.nan):.4g} s, "
+             f"training step {m.get('train_step_s', math.nan):.4g} s")
     return PerfResult(m, render_markdown(m, args.command), policy, model)
 
 
@@ -498,7 +499,8 @@ def render_markdown(m: dict[str, Any], command: str) -> str:
         "",
         f"## Sampling: {m['steps']} steps, CFG {m['guidance']}, {res}, batch {m['batch']}, VAE decode included",
         "",
-        f"Mean of {m['repeats']} timed batches per sampler after {m['warmup']} warm-up batch(es); the samplers take turns.",
+        f"Mean of {m['repeats']} timed batches per sampler after {m['warmup']} warm-up batch(es); "
+        "the samplers take turns.",
         "",
         "| sampler | s / batch | images / s | peak memory allocated (GiB, weights included) |",
         "|---|---|---|---|",

@@ -257,12 +257,12 @@ def report(rows: list[dict[str, Any]], argv: Sequence[str], total_s: float) -> s
     lines += [
         "",
         "How to read it: every phase starts a fresh server with its default settings (2 workers, a queue of 64, "
-        "backlog 128) unless the phase says otherwise. In every phase but the overload one the clients use plain connections "
-        "with no retry, so a reset, a refused connection, a 503, a wrong score or a request still unanswered at "
-        "the deadline would each be counted as an outcome other than `ok`. Latency includes the wait in the "
-        "queue. RSS is the server process's resident memory after start-up (idle) and its peak (VmHWM) over the "
-        "phase. docs/scorers/server.md gives the bound: at most `workers` requests in memory, each about 3 x its "
-        "JSON size while parsing and 15 bytes per decoded pixel, plus the scorer's own allocations.",
+        "backlog 128) unless the phase says otherwise. In every phase but the overload one the clients use plain "
+        "connections with no retry, so a reset, a refused connection, a 503, a wrong score or a request still "
+        "unanswered at the deadline would each be counted as an outcome other than `ok`. Latency includes the wait in "
+        "the queue. RSS is the server process's resident memory after start-up (idle) and its peak (VmHWM) over the "
+        "phase. docs/scorers/server.md gives the bound: at most `workers` requests in memory, each about 3 x its JSON "
+        "size while parsing and 15 bytes per decoded pixel, plus the scorer's own allocations.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -104,7 +104,10 @@ def collect(points: list[Point], benchmarks: list[str], runs_root: Path, device:
     rows = []
     for i, p in enumerate(points, 1):
         logger.info("[seesaw] %d/%d %s iteration %d: %s", i, len(points), p.run, p.iteration, p.checkpoint)
-        out = runs_root / run_name(p.checkpoint) if p.run == "base" else runs_root / run_name(p.run) / f"iteration-{p.iteration:06d}"
+        if p.run == "base":
+            out = runs_root / run_name(p.checkpoint)
+        else:
+            out = runs_root / run_name(p.run) / f"iteration-{p.iteration:06d}"
         results = evaluate(p.checkpoint, benchmarks, out=out, device=device, progress=False, log=lambda _: None)
         for b in benchmarks:
             rows.append({"run": p.run, "iteration": p.iteration, "benchmark": b, **_metric(results, b)})

@@ -109,9 +109,11 @@ class AestheticScorer:
         injected = ";injected" if factory is not None else ""
         head = mlp_path or f"{MLP_FILENAME}@sha256:{MLP_SHA256[:12]}"
         checkpoint = "injected" if factory is not None else f"{clip_id}+{head}"
-        self.version = f"code={CODE_VERSION};clip={clip_id};head={head};resize={resize_backend}{injected};" + engine_fields(
-            "flowopd-port", f"transformers-{package_version('transformers')}", checkpoint,
-            str(dtype).removeprefix("torch."), official=False,
+        self.version = f"code={CODE_VERSION};clip={clip_id};head={head};resize={resize_backend}{injected};" + (
+            engine_fields(
+                "flowopd-port", f"transformers-{package_version('transformers')}", checkpoint,
+                str(dtype).removeprefix("torch."), official=False,
+            )
         )
 
     def score(

@@ -71,7 +71,9 @@ class RemoteScorer:
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteScorer: url must look like http://HOST:PORT, got {url!r}")
-        for name, value, low in (("timeout", timeout, 1e-9), ("startup_wait", startup_wait, 0), ("retries", retries, 0)):
+        for name, value, low in (
+            ("timeout", timeout, 1e-9), ("startup_wait", startup_wait, 0), ("retries", retries, 0)
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
                 raise ValueError(f"RemoteScorer: {name} must be a number >= {low:g}, got {value!r}")
         self.url = url.rstrip("/")

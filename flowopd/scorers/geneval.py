@@ -467,7 +467,9 @@ class GenEvalScorer:
                 from transformers import AutoTokenizer, CLIPModel
 
                 what = "GenEval colour classifier (CLIP)"
-                clip_model = from_pretrained(CLIPModel.from_pretrained, color_model_id, what=what, param="color_model_id")
+                clip_model = from_pretrained(
+                    CLIPModel.from_pretrained, color_model_id, what=what, param="color_model_id"
+                )
                 tokenizer = from_pretrained(
                     AutoTokenizer.from_pretrained, color_model_id, what=what, param="color_model_id"
                 )
@@ -477,9 +479,14 @@ class GenEvalScorer:
         # official only with every learned part official: mmdet 2.x's checkpoint *and* open_clip's colour model;
         # our colour classifier is a transformers port (tests/parity/check_openclip.py), so never official here
         engine = "mmdet" if detector == "mmdet" and detect_fn is None else "flowopd-port"
-        engine_version = package_version("mmdet") if engine == "mmdet" else f"transformers-{package_version('transformers')}"
-        self.version = f"geneval-1;detector={detector_desc};color={color_desc};input={jpeg};resize={resize_backend()};" + engine_fields(
-            engine, engine_version, f"{detector_desc}+{color_desc}".replace(";", ","), "fp32", official=False)
+        engine_version = (
+            package_version("mmdet") if engine == "mmdet" else f"transformers-{package_version('transformers')}"
+        )
+        self.version = (
+            f"geneval-1;detector={detector_desc};color={color_desc};input={jpeg};resize={resize_backend()};"
+            + engine_fields(
+                engine, engine_version, f"{detector_desc}+{color_desc}".replace(";", ","), "fp32", official=False)
+        )
 
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]

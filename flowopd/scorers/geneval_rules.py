@@ -256,7 +256,8 @@ def _check_position(
             relations = relative_position(obj, target)
             if expected_rel not in relations:
                 # sorted: the official joins a set, whose order varies between runs
-                return False, f"expected {classname} {expected_rel} target, found {' and '.join(sorted(relations))} target"
+                found = " and ".join(sorted(relations))
+                return False, f"expected {classname} {expected_rel} target, found {found} target"
     return True, ""
 
 

@@ -190,7 +190,9 @@ def load_hps_clip(path: str, open_clip_config: Mapping[str, Any] = OPEN_CLIP_VIT
     converted = convert_open_clip_state_dict(sd)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: converted HPS weights do not fit CLIPModel (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{path}: converted HPS weights do not fit CLIPModel (missing {missing}, unexpected {unexpected})"
+        )
     return model.float().eval()
 
 

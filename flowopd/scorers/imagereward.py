@@ -56,7 +56,9 @@ TEXT_DEFAULTS: dict[str, Any] = dict(
     pad_token_id=0, bos_token_id=None, sep_token_id=None,
 )
 
-_BLOCK = re.compile(r"blip\.visual_encoder\.blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
+_BLOCK = re.compile(
+    r"blip\.visual_encoder\.blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+)
 _BLOCK_NAMES = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
                 "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 _PREFIXES = {
@@ -108,7 +110,9 @@ class ImageRewardModel(nn.Module):
     def image_size(self) -> int:
         return int(self.vision.config.image_size)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         text = self.text(
@@ -123,7 +127,9 @@ class ImageRewardModel(nn.Module):
         return (self.head(features.to(head_dtype)).float().squeeze(-1) - REWARD_MEAN) / REWARD_STD
 
 
-def imagereward_configs(vision: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+def imagereward_configs(
+    vision: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None
+) -> tuple[Any, Any]:
     """(BlipVisionConfig, BlipTextConfig) of ImageReward-v1.0, with optional overrides (tests use tiny sizes)."""
     from transformers import BlipTextConfig, BlipVisionConfig
 
@@ -134,7 +140,9 @@ def imagereward_configs(vision: Mapping[str, Any] | None = None, text: Mapping[s
     return vision_config, text_config
 
 
-def load_imagereward(path: str, vision: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None) -> ImageRewardModel:
+def load_imagereward(
+    path: str, vision: Mapping[str, Any] | None = None, text: Mapping[str, Any] | None = None
+) -> ImageRewardModel:
     """An :class:`ImageRewardModel` from an official ``ImageReward.pt`` (or a ``.safetensors`` with its keys)."""
     sd = load_weights_file(path)
     try:
@@ -144,7 +152,9 @@ def load_imagereward(path: str, vision: Mapping[str, Any] | None = None, text: M
     model = ImageRewardModel(*imagereward_configs(vision, text))
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit ImageReward-v1.0 (missing {missing[:8]}, unexpected {unexpected[:8]})")
+        raise ValueError(
+            f"{path}: weights do not fit ImageReward-v1.0 (missing {missing[:8]}, unexpected {unexpected[:8]})"
+        )
     return model.eval()
 
 
@@ -152,7 +162,9 @@ def load_imagereward_tokenizer(tokenizer_id: str = DEFAULT_TOKENIZER_ID) -> Any:
     """BLIP's tokenizer: bert-base-uncased plus ``[DEC]`` (bos) and ``[ENC]`` (as in ``blip.init_tokenizer``)."""
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_id, what="BERT tokenizer", param="tokenizer_id")
+    tokenizer = from_pretrained(
+        AutoTokenizer.from_pretrained, tokenizer_id, what="BERT tokenizer", param="tokenizer_id"
+    )
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tokenizer
 

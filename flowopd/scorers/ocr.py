@@ -145,7 +145,9 @@ def paddleocr_model_dirs(options: Mapping[str, Any] | None = None, lang: str = "
     dirs = {}
     for kind, kind_lang, default in (("det", det_lang, det_lang), ("rec", rec_lang, rec_lang), ("cls", "ch", "")):
         config = module.get_model_config("OCR", version, kind, kind_lang)
-        base = os.path.join(module.BASE_DIR, "whl", kind, default) if default else os.path.join(module.BASE_DIR, "whl", kind)
+        base = os.path.join(module.BASE_DIR, "whl", kind, default) if default else (
+            os.path.join(module.BASE_DIR, "whl", kind)
+        )
         dirs[kind], _ = module.confirm_model_dir_url(options.get(f"{kind}_model_dir"), base, config["url"])
     return dirs
 
@@ -217,7 +219,9 @@ class OCRScorer:
         else:
             distribution, engine_version = "paddleocr", _package_version("paddleocr")
             custom = sorted(k for k in (engine_options or {}) if k.endswith("_model_dir"))
-            checkpoint = f"lang={(engine_options or {}).get('lang', 'en')}" + (f",custom {'/'.join(custom)}" if custom else "")
+            checkpoint = f"lang={(engine_options or {}).get('lang', 'en')}" + (
+                f",custom {'/'.join(custom)}" if custom else ""
+            )
         package = f"{distribution} {engine_version}" + (
             f" paddlepaddle {_package_version('paddlepaddle')}" if engine == "paddleocr" else "")
         source = "factory" if engine_factory is not None else "default"

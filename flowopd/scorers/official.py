@@ -102,12 +102,18 @@ class ImageRewardPackage:
         self.device = resolve_device(device)
         self.model = RM.load(model, device=str(self.device), med_config=med_config).eval()
         official = model == "ImageReward-v1.0" or os.path.basename(model) == "ImageReward.pt"
-        self.version = "code=1;" + engine_fields("image-reward", package_version("image-reward"), model, "fp32", official)
+        self.version = "code=1;" + engine_fields(
+            "image-reward", package_version("image-reward"), model, "fp32", official
+        )
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None) -> ScoreBatch:
+    def score(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> ScoreBatch:
         prompts = check_prompts(images, prompts)
-        return ScoreBatch(np.array([self.model.score(p, im) for p, im in zip(prompts, _pils(images))], dtype=np.float64))
+        return ScoreBatch(
+            np.array([self.model.score(p, im) for p, im in zip(prompts, _pils(images))], dtype=np.float64)
+        )
 
 
 class HPSPackage:
@@ -124,11 +130,16 @@ class HPSPackage:
         self.checkpoint = checkpoint
         self.hps_version = hps_version
         precision = "amp-fp16" if torch.cuda.is_available() else "fp32"
-        official = hps_version == "v2.1" and (checkpoint is None or os.path.basename(checkpoint) == "HPS_v2.1_compressed.pt")
-        self.version = "code=1;" + engine_fields("hpsv2", package_version("hpsv2"), checkpoint or f"xswu/HPSv2:{hps_version}",
-                                                 precision, official)
+        official = hps_version == "v2.1" and (
+            checkpoint is None or os.path.basename(checkpoint) == "HPS_v2.1_compressed.pt"
+        )
+        self.version = "code=1;" + engine_fields(
+            "hpsv2", package_version("hpsv2"), checkpoint or f"xswu/HPSv2:{hps_version}", precision, official
+        )
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None) -> ScoreBatch:
+    def score(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> ScoreBatch:
         prompts = check_prompts(images, prompts)
         kwargs = {"hps_version": self.hps_version} | ({"cp": self.checkpoint} if self.checkpoint else {})
         return ScoreBatch(np.array([float(self._score(im, p, **kwargs)[0]) for p, im in zip(prompts, _pils(images))]))

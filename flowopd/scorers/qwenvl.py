@@ -42,7 +42,8 @@ from flowopd.scorers.engine import engine_fields, package_version
 CODE_VERSION = "1"
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 
-_AESTHETIC_LEVELS = """1. Bad: Extremely blurry, underexposed with significant noise, indiscernible subjects, and chaotic composition.
+_AESTHETIC_LEVELS = """1. Bad: Extremely blurry, underexposed with significant noise, indiscernible subjects, \
+and chaotic composition.
 2. Poor: Noticeable blur, poor lighting, washed-out colors, and awkward composition with cut-off subjects.
 3. Fair: In focus with adequate lighting, dull colors, decent composition but lacks creativity.
 4. Good: Sharp, good exposure, vibrant colors, thoughtful composition with a clear focal point.
@@ -51,13 +52,15 @@ _AESTHETIC_LEVELS = """1. Bad: Extremely blurry, underexposed with significant n
 QUALITY_TASK = f"""Your role is to evaluate the aesthetic quality score of given images.
 {_AESTHETIC_LEVELS}
 
-Please first provide a detailed analysis of the evaluation process, including the criteria for judging aesthetic quality, within the <Thought> tag. Then, give a final score from 1 to 5 within the <Score> tag.
+Please first provide a detailed analysis of the evaluation process, including the criteria for judging aesthetic \
+quality, within the <Thought> tag. Then, give a final score from 1 to 5 within the <Score> tag.
 <Thought>
 [Analyze the evaluation process in detail here]
 </Thought>
 <Score>X</Score>"""
 
-OVERALL_TASK = f"""Your role is to evaluate the generated image on three dimensions: aesthetic quality, instruction following, and an overall score that prioritizes instruction adherence.
+OVERALL_TASK = f"""Your role is to evaluate the generated image on three dimensions: aesthetic quality, instruction \
+following, and an overall score that prioritizes instruction adherence.
 
 === Aesthetic Quality ===
 {_AESTHETIC_LEVELS}
@@ -71,10 +74,12 @@ Instruction: {{prompt}}
 5. Excellent: The image perfectly and faithfully follows the instruction.
 
 === Overall Score ===
-The overall score should PRIMARILY reflect instruction adherence. An image that perfectly follows the instruction but has slightly lower aesthetic quality should score higher than a beautiful image that ignores the instruction.
+The overall score should PRIMARILY reflect instruction adherence. An image that perfectly follows the instruction \
+but has slightly lower aesthetic quality should score higher than a beautiful image that ignores the instruction.
 1 = Bad, 2 = Poor, 3 = Fair, 4 = Good, 5 = Excellent
 
-Please first provide a detailed analysis of all three dimensions within the <Thought> tag. Then, give three scores from 1 to 5 within the <QualityScore>, <InstructionScore>, and <OverallScore> tags.
+Please first provide a detailed analysis of all three dimensions within the <Thought> tag. Then, give three scores \
+from 1 to 5 within the <QualityScore>, <InstructionScore>, and <OverallScore> tags.
 <Thought>
 [Analyze the aesthetic quality, instruction adherence, and overall impression in detail here]
 </Thought>
@@ -128,7 +133,9 @@ def png_data_url(image: Any) -> str:
 class TransformersJudgeBackend:
     """Batched greedy generation with a local vision-language model and its processor (left padding)."""
 
-    def __init__(self, model: Any, processor: Any, *, device: torch.device, generation_kwargs: Mapping[str, Any]) -> None:
+    def __init__(
+        self, model: Any, processor: Any, *, device: torch.device, generation_kwargs: Mapping[str, Any]
+    ) -> None:
         self.model = model
         self.processor = processor
         self.device = device
@@ -165,7 +172,9 @@ class OpenAIJudgeBackend:
     ) -> None:
         if client is None:
             if base_url is None:
-                raise ValueError("the OpenAI-compatible backend needs base_url (e.g. 'http://127.0.0.1:8001/v1') or client")
+                raise ValueError(
+                    "the OpenAI-compatible backend needs base_url (e.g. 'http://127.0.0.1:8001/v1') or client"
+                )
             try:
                 from openai import OpenAI
             except ImportError as e:
@@ -236,7 +245,9 @@ class QwenVLJudge:
     ) -> None:
         build_task("", mode=mode)  # validates mode
         if str(parse_failure) not in PARSE_FAILURES:
-            raise ValueError(f"QwenVLJudge: parse_failure must be one of {sorted(PARSE_FAILURES)}, got {parse_failure!r}")
+            raise ValueError(
+                f"QwenVLJudge: parse_failure must be one of {sorted(PARSE_FAILURES)}, got {parse_failure!r}"
+            )
         self.parse_failure = str(parse_failure)
         self.mode, self.strict, self.batch_size = mode, strict, batch_size
         if base_url is not None or client is not None:
@@ -253,7 +264,9 @@ class QwenVLJudge:
                     AutoModelForImageTextToText.from_pretrained, model_id, what="judge model", param="model_id",
                     torch_dtype=dtype,
                 )
-                processor = from_pretrained(AutoProcessor.from_pretrained, model_id, what="judge processor", param="model_id")
+                processor = from_pretrained(
+                    AutoProcessor.from_pretrained, model_id, what="judge processor", param="model_id"
+                )
             else:
                 model, processor = factory()
             device = resolve_device(device)
@@ -263,12 +276,12 @@ class QwenVLJudge:
             where = f"transformers:{model_id}" + (";injected" if factory is not None else "")
         template = build_task("{prompt}", mode=mode, strict=strict)
         prompt_hash = hashlib.sha256(template.encode()).hexdigest()[:12]
+        precision = "server" if base_url is not None or client is not None else str(dtype).removeprefix("torch.")
         self.version = (
             f"code={CODE_VERSION};{where};mode={mode};strict={strict};prompt={prompt_hash};max_new_tokens={max_new_tokens};"
             f"parse_failure={self.parse_failure};"
             + engine_fields("flowopd-port", f"transformers-{package_version('transformers')}", where.replace(";", ","),
-                            "server" if base_url is not None or client is not None else str(dtype).removeprefix("torch."),
-                            official=False)
+                            precision, official=False)
         )
 
     def score(
@@ -284,7 +297,11 @@ class QwenVLJudge:
             tasks = [build_task(p, mode=self.mode, strict=self.strict) for p in prompts[s]]
             replies.extend(self.backend.generate(pils[s], tasks))
         parsed = [parse_judgement(text, self.mode) for text in replies]
-        details: dict[str, list[Any]] = {key: [p[key] for p in parsed] for key in parsed[0] if key != "score"} if parsed else {}
+        details: dict[str, list[Any]] = (
+            {key: [p[key] for p in parsed] for key in parsed[0] if key != "score"} if parsed else {}
+        )
         details["text"] = replies
         failed = PARSE_FAILURES[self.parse_failure]
-        return ScoreBatch(np.array([p["score"] if p["parse_ok"] else failed for p in parsed], dtype=np.float64), details)
+        return ScoreBatch(
+            np.array([p["score"] if p["parse_ok"] else failed for p in parsed], dtype=np.float64), details
+        )

@@ -138,7 +138,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         except IsADirectoryError as e:
             raise ConfigError(f"config file {path} is a directory, not a TOML file") from e
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path} is not UTF-8 text (a TOML file?): {e.reason} at byte {e.start}") from e
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (a TOML file?): {e.reason} at byte {e.start}"
+            ) from e
         except OSError as e:
             raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from e
         except tomllib.TOMLDecodeError as e:

@@ -133,7 +133,9 @@ class IterationPlan:
     shuffle_seed: int
 
 
-def plan_iteration(config: GRPOConfig, sampler: PromptSampler, rng: np.random.Generator, iteration: int) -> IterationPlan:
+def plan_iteration(
+    config: GRPOConfig, sampler: PromptSampler, rng: np.random.Generator, iteration: int
+) -> IterationPlan:
     """Prompts, groups, seeds and SDE steps of one iteration, from the shared generator ``rng``."""
     p, k = config.prompts_per_iteration, config.group_size
     prompts = sampler.draw(rng, iteration, p)
@@ -313,8 +315,10 @@ def check_config(config: GRPOConfig, require_reward: bool = True) -> None:
     if config.sde_type == "cps":
         end = config.sde_window_range[1] if config.sde_window_size else int(config.num_steps * config.timestep_fraction)
         if end >= config.num_steps:
-            raise ConfigError("sde_type = 'cps': the last step (to t = 0) is deterministic and has no log-prob; keep it "
-                              "out of the trained steps (timestep_fraction < 1, or sde_window_range ending before num_steps)")
+            raise ConfigError(
+                "sde_type = 'cps': the last step (to t = 0) is deterministic and has no log-prob; keep it "
+                "out of the trained steps (timestep_fraction < 1, or sde_window_range ending before num_steps)"
+            )
     if config.grad_cosine_every < 0 or config.grad_cosine_prompts < 1:
         raise ConfigError(f"need grad_cosine_every >= 0 and grad_cosine_prompts >= 1, got {config.grad_cosine_every}, "
                           f"{config.grad_cosine_prompts}")

@@ -141,7 +141,9 @@ class EMA:
     step can be applied more than once); we update once per optimizer step.
     """
 
-    def __init__(self, named_parameters: Sequence[tuple[str, torch.Tensor]], decay: float = 0.9, update_interval: int = 8):
+    def __init__(
+        self, named_parameters: Sequence[tuple[str, torch.Tensor]], decay: float = 0.9, update_interval: int = 8
+    ):
         if not 0.0 <= decay <= 1.0 or update_interval < 1:
             raise ValueError(f"EMA: need 0 <= decay <= 1 and update_interval >= 1, got {decay}, {update_interval}")
         self.decay = float(decay)

@@ -47,7 +47,8 @@ def group_advantages(
     """
     if rewards.ndim != 1 or group_ids.shape != rewards.shape:
         raise ValueError(
-            f"group_advantages: rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must be 1-D of equal length"
+            f"group_advantages: rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} "
+            "must be 1-D of equal length"
         )
     if not bool(torch.isfinite(rewards).all()):
         bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()

@@ -132,7 +132,8 @@ def merge_deltas(
                 merged[module] = merge_utils.dare_ties(tensors, ww, density, majority_sign_method)
             else:
                 raise ValueError(
-                    f"merge_deltas: unknown method {method!r}; use linear, ties, dare_linear, dare_ties or magnitude_prune"
+                    f"merge_deltas: unknown method {method!r}; "
+                    "use linear, ties, dare_linear, dare_ties or magnitude_prune"
                 )
     return merged
 
@@ -157,7 +158,9 @@ def deltas_to_lora(
     out: dict[str, torch.Tensor] = {}
     for module, delta in sorted(deltas.items()):
         if delta.ndim != 2:
-            raise ValueError(f"deltas_to_lora: module {module!r} has a {delta.ndim}-D update; only Linear (2-D) is supported")
+            raise ValueError(
+                f"deltas_to_lora: module {module!r} has a {delta.ndim}-D update; only Linear (2-D) is supported"
+            )
         u, s, vh = torch.linalg.svd(delta.float() / scaling, full_matrices=False)
         k = min(rank, s.numel())
         root = s[:k].sqrt()

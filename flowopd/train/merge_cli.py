@@ -109,7 +109,9 @@ def merge_adapters(
     out = dict(configs[0], base_model_name_or_path=base)
     if method in PUBLIC_METHODS:
         if len(checkpoints) < 2:
-            raise ValueError(f"merge --method {method}: the public merge needs at least 2 adapters, got {len(checkpoints)}")
+            raise ValueError(
+                f"merge --method {method}: the public merge needs at least 2 adapters, got {len(checkpoints)}"
+            )
         if method == "weighted" and weights is None:
             raise ValueError("merge --method weighted needs --weights (one per adapter; normalised to sum 1)")
         if method != "weighted" and weights is not None:

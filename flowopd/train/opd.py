@@ -217,7 +217,9 @@ def future_kl(
                                              traj.next_states[ids, j], cond_b)
             std = traj.stds[ids, j].reshape(-1, *([1] * (teacher.ndim - 1))).to(teacher)
             sigma = std / torch.sqrt(t - t_next).to(std) if config.sde_type == "sde" else std
-            kl[ids, j] = kernel_step_kl(traj.means[ids, j].to(teacher), teacher, std, sigma, config.kl_scale).cpu().float()
+            kl[ids, j] = (
+                kernel_step_kl(traj.means[ids, j].to(teacher), teacher, std, sigma, config.kl_scale).cpu().float()
+            )
     later = kl.flip(1).cumsum(1).flip(1) - kl  # sum over s > j
     return later
 
@@ -319,7 +321,9 @@ def check_config(config: OPDConfig) -> None:
         raise ConfigError("no teachers: add [teachers] with task = ADAPTER_DIR for every prompt source's task")
     missing = sorted({s.task for s in config.prompts} - set(config.teachers))
     if missing:
-        raise ConfigError(f"prompt sources of tasks {missing} have no teacher; teachers cover {sorted(config.teachers)}")
+        raise ConfigError(
+            f"prompt sources of tasks {missing} have no teacher; teachers cover {sorted(config.teachers)}"
+        )
 
 
 def zero_gradient_warning(config: OPDConfig) -> str | None:

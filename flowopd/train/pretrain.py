@@ -6,12 +6,13 @@ Each step draws ``batch_size`` prompts from the grammar's train split, renders o
 scales it to [-1, 1] and regresses the velocity ``v = eps - x0`` at ``x_t = (1 - t) x0 + t eps``
 (METHOD.md s.3), with a share of prompts replaced by the empty prompt so that CFG works. The run directory
 gets ``train_log.csv`` (one row per step), periodic resumable checkpoints in ``checkpoints/`` (weights,
-optimizer, EMA, RNG states, step; the last one at the final step) and, at the end, ``model.safetensors`` + ``config.json`` loadable with
-:func:`flowopd.models.mini.load_mini`. Rerunning the same command after an interruption resumes from the
-latest checkpoint and reproduces the uninterrupted run's weights (issue 19, point 6): a latest checkpoint that
-cannot be read is set aside (``step_N.pt.corrupt``) with a warning and the previous one is used; the config may
-differ from the checkpoint's only in :data:`RESUME_CHANGEABLE` (recorded in ``resume_log.jsonl``); a non-finite
-loss, gradient norm or weight stops the run with an error, before it is checkpointed.
+optimizer, EMA, RNG states, step; the last one at the final step) and, at the end, ``model.safetensors`` +
+``config.json`` loadable with :func:`flowopd.models.mini.load_mini`. Rerunning the same command after an
+interruption resumes from the latest checkpoint and reproduces the uninterrupted run's weights (issue 19,
+point 6): a latest checkpoint that cannot be read is set aside (``step_N.pt.corrupt``) with a warning and the
+previous one is used; the config may differ from the checkpoint's only in :data:`RESUME_CHANGEABLE` (recorded
+in ``resume_log.jsonl``); a non-finite loss, gradient norm or weight stops the run with an error, before it is
+checkpointed.
 """
 
 from __future__ import annotations

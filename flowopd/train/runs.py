@@ -256,7 +256,10 @@ def _trim_metrics(out_dir: Path, iteration: int | None) -> None:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and isinstance(row.get("iteration"), int | float) and row["iteration"] <= iteration:
+            if (
+                isinstance(row, dict) and isinstance(row.get("iteration"), int | float)
+                and row["iteration"] <= iteration
+            ):
                 keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))

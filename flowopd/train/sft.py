@@ -149,7 +149,9 @@ def plan_sft(config: SFTConfig, sampler: PromptSampler, rng: np.random.Generator
 
 
 @torch.no_grad()
-def ode_latents(policy: Any, cond: Conditioning, noise: torch.Tensor, num_steps: int, guidance_scale: float) -> torch.Tensor:
+def ode_latents(
+    policy: Any, cond: Conditioning, noise: torch.Tensor, num_steps: int, guidance_scale: float
+) -> torch.Tensor:
     """Deterministic Euler sampling from ``noise`` (t = 1) to t = 0; the final latents in float32."""
     times = policy.timesteps(num_steps)
     x = noise.to(policy.device, torch.float32)
@@ -228,8 +230,10 @@ def check_config(config: SFTConfig, world: int) -> tuple[int, int]:
     if config.data == "teachers":
         missing = sorted({s.task for s in config.prompts} - set(config.teachers))
         if not config.teachers or missing:
-            raise ConfigError(f"data = 'teachers': prompt sources of tasks {missing or sorted({s.task for s in config.prompts})} "
-                              f"have no teacher; add teachers.<task> = ADAPTER_DIR")
+            raise ConfigError(
+                f"data = 'teachers': prompt sources of tasks {missing or sorted({s.task for s in config.prompts})} "
+                f"have no teacher; add teachers.<task> = ADAPTER_DIR"
+            )
     elif not config.reward.is_set() or config.best_of_n < 2:
         raise ConfigError("data = 'best_of_n' needs reward.weights or reward.tasks and best_of_n >= 2")
     for name in ("prompts_per_iteration", "sample_batch_size", "train_batch_size", "updates_per_iteration",

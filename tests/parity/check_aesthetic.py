@@ -105,4 +105,5 @@ def compare(work: Path) -> list[dict]:
              "max_abs_diff": d, "tolerance": TOLERANCE, "ok": d <= TOLERANCE, "note": ""},
             {"scorer": "aesthetic", "quantity": "normalised image embedding (head input, 768 per image)",
              "n": len(o["embeddings"]) * len(o["embeddings"][0]), "max_abs_diff": e, "tolerance": 1e-6,
-             "ok": e <= 1e-6, "note": "unit vectors; random heads vary the score little: the embedding is the sharper test"}]
+             "ok": e <= 1e-6,
+             "note": "unit vectors; random heads vary the score little: the embedding is the sharper test"}]

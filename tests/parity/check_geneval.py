@@ -58,11 +58,14 @@ def _official_model():
     from mmdet.utils import register_all_modules
 
     register_all_modules()
-    config = Path(mmdet.__file__).parent / ".mim" / "configs" / "mask2former" / "mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco.py"
+    config = (Path(mmdet.__file__).parent / ".mim" / "configs" / "mask2former"
+              / "mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco.py")
     cfg = Config.fromfile(str(config))
     cfg.model.backbone.init_cfg = None
     cfg.test_dataloader.dataset.pipeline[0]["to_float32"] = False  # mmdet 2.x loads (and resizes) uint8
-    cfg.test_dataloader.dataset.pipeline = [p for p in cfg.test_dataloader.dataset.pipeline if p["type"] != "LoadAnnotations"]
+    cfg.test_dataloader.dataset.pipeline = [
+        p for p in cfg.test_dataloader.dataset.pipeline if p["type"] != "LoadAnnotations"
+    ]
     seed_everything()
     model = init_detector(cfg, None, device="cpu").eval()
     return model, cfg, config.name
@@ -93,7 +96,8 @@ def official(work: Path) -> dict:
         tensors = {"inputs": batch["inputs"][0].float().contiguous(), "cls": captured["cls"][0].contiguous(),
                    "mask": captured["mask"][0].contiguous()}
         save_file(tensors, str(here / f"image{i}.safetensors"))
-        np.savez_compressed(here / f"image{i}_masks.npz", masks=np.packbits(result.masks.cpu().numpy().astype(bool), axis=-1))
+        np.savez_compressed(here / f"image{i}_masks.npz",
+                            masks=np.packbits(result.masks.cpu().numpy().astype(bool), axis=-1))
         per_image.append({
             "batch_input_shape": list(meta["batch_input_shape"]), "img_shape": list(meta["img_shape"]),
             "ori_shape": list(meta["ori_shape"]), "labels": result.labels.tolist(), "scores": result.scores.tolist(),
@@ -114,12 +118,16 @@ def _metadata(detections: dict[str, list]) -> list[dict]:
     absent = next(c for c in ("toothbrush", "hair drier", "parking meter", "cat") if c not in detections)
     return [
         {"tag": "single_object", "include": [{"class": a, "count": 1}], "prompt": f"a photo of a {a}"},
-        {"tag": "two_object", "include": [{"class": a, "count": 1}, {"class": b, "count": 1}], "prompt": f"{a} and {b}"},
-        {"tag": "counting", "include": [{"class": a, "count": 2}], "exclude": [{"class": a, "count": 3}], "prompt": f"two {a}s"},
+        {"tag": "two_object", "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+         "prompt": f"{a} and {b}"},
+        {"tag": "counting", "include": [{"class": a, "count": 2}], "exclude": [{"class": a, "count": 3}],
+         "prompt": f"two {a}s"},
         {"tag": "colors", "include": [{"class": a, "count": 1, "color": "red"}], "prompt": f"a red {a}"},
-        {"tag": "position", "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": ["right of", 0]}],
+        {"tag": "position",
+         "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": ["right of", 0]}],
          "prompt": f"a {a} right of a {b}"},
-        {"tag": "color_attr", "include": [{"class": a, "count": 1, "color": "blue"}, {"class": b, "count": 1, "color": "red"}],
+        {"tag": "color_attr",
+         "include": [{"class": a, "count": 1, "color": "blue"}, {"class": b, "count": 1, "color": "red"}],
          "prompt": f"a blue {a} and a red {b}"},
         {"tag": "single_object", "include": [{"class": absent, "count": 1}], "prompt": f"a photo of a {absent}"},
     ]
@@ -138,7 +146,8 @@ def _detections(labels, boxes, scores, masks) -> dict[str, list]:
 
     out: dict[str, list] = {}
     for label, box, score, mask in zip(labels, boxes, scores, masks):
-        out.setdefault(OBJECT_NAMES[int(label)], []).append(Detection(box=tuple(float(v) for v in box), score=float(score), mask=mask))
+        out.setdefault(OBJECT_NAMES[int(label)], []).append(
+            Detection(box=tuple(float(v) for v in box), score=float(score), mask=mask))
     return out
 
 
@@ -163,21 +172,26 @@ def ours(work: Path) -> dict:
             tuple(meta["ori_shape"][:2]), min_class_score=0.0)
         order = torch.argsort(scores, descending=True)
         official_order = np.argsort(-np.asarray(meta["scores"]))
-        official_masks = np.unpackbits(np.load(here / f"image{i}_masks.npz")["masks"], axis=-1)[..., : rgb.shape[1]].astype(bool)
+        packed = np.load(here / f"image{i}_masks.npz")["masks"]
+        official_masks = np.unpackbits(packed, axis=-1)[..., : rgb.shape[1]].astype(bool)
         ours_masks = masks[order].cpu().numpy()
         theirs = _detections(np.asarray(meta["labels"])[official_order], np.asarray(meta["bboxes"])[official_order],
                              np.asarray(meta["scores"])[official_order], official_masks[official_order])
         mine = _detections(labels[order].tolist(), boxes[order].tolist(), scores[order].tolist(), ours_masks)
-        metadata = _metadata({c: [d for d in ds if d.score > 0.3] for c, ds in theirs.items() if any(d.score > 0.3 for d in ds)})
+        metadata = _metadata(
+            {c: [d for d in ds if d.score > 0.3] for c, ds in theirs.items() if any(d.score > 0.3 for d in ds)})
         correct_official = [score_geneval(m, theirs, classify_colors=_colour).correct for m in metadata]
         correct_ours = [score_geneval(m, mine, classify_colors=_colour).correct for m in metadata]
+        same_shape = list(pixels.shape[1:]) == list(official_inputs.shape)
         out.append({
             "shape_equal": list(pixels.shape) == list(official_inputs[None].shape),
             "resized_equal": list(resized) == list(meta["img_shape"][:2]),
-            "pixel_max_abs_diff": float((pixels[0] - official_inputs).abs().max()) if list(pixels.shape[1:]) == list(official_inputs.shape) else None,
-            "pixel_fraction_diff": float(((pixels[0] - official_inputs).abs() > 1e-4).float().mean()) if list(pixels.shape[1:]) == list(official_inputs.shape) else None,
+            "pixel_max_abs_diff": float((pixels[0] - official_inputs).abs().max()) if same_shape else None,
+            "pixel_fraction_diff": float(((pixels[0] - official_inputs).abs() > 1e-4).float().mean())
+            if same_shape else None,
             "labels_equal": labels[order].tolist() == np.asarray(meta["labels"])[official_order].tolist(),
-            "scores_ours": scores[order].tolist(), "scores_official": np.asarray(meta["scores"])[official_order].tolist(),
+            "scores_ours": scores[order].tolist(),
+            "scores_official": np.asarray(meta["scores"])[official_order].tolist(),
             "box_max_abs_diff": max_abs_diff(boxes[order].numpy(), np.asarray(meta["bboxes"])[official_order]),
             "mask_pixels_differing": int((ours_masks != official_masks[official_order]).sum()),
             "n_above_03": int((scores > 0.3).sum()), "n_above_09": int((scores > 0.9).sum()),
@@ -207,7 +221,8 @@ def compare(work: Path) -> list[dict]:
     return [
         {"scorer": "geneval", "quantity": "pre-processing (resize, normalise, pad)", "n": len(u),
          "max_abs_diff": max((p for p in pix if p is not None), default=None), "tolerance": 1e-5,
-         "ok": all(x["shape_equal"] and x["resized_equal"] for x in u) and all(p is not None and p <= 1e-5 for p in pix),
+         "ok": (all(x["shape_equal"] and x["resized_equal"] for x in u)
+                and all(p is not None and p <= 1e-5 for p in pix)),
          "note": note_pix},
         {"scorer": "geneval", "quantity": f"instance scores, top-100 candidates ({above[0]} > 0.3)", "n": n_cand,
          "max_abs_diff": score_diff, "tolerance": TOLERANCE, "ok": score_diff <= TOLERANCE and labels_ok,

@@ -54,7 +54,8 @@ def official(work: Path) -> dict:
         text_features = F.normalize(model.encode_text(tokenizer(list(PROMPTS))), dim=-1)
         columns = []
         for color in COLORS:
-            emb = F.normalize(model.encode_text(tokenizer([t.format(c=color, obj=CLASSNAME) for t in COLOR_TEMPLATES])), dim=-1)
+            texts = [t.format(c=color, obj=CLASSNAME) for t in COLOR_TEMPLATES]
+            emb = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
             mean = emb.mean(dim=0)
             columns.append(mean / mean.norm())
         weights = torch.stack(columns, dim=1)
@@ -92,7 +93,8 @@ def ours(work: Path) -> dict:
     size = int(cfg["vision_cfg"]["image_size"])
     with torch.no_grad():
         image_embeds = torch.cat([image_embeddings(model, clip_pixel_values(im, size)) for im in images])
-        tokens = tokenizer([open_clip_clean(p) for p in PROMPTS], padding=True, truncation=True, max_length=77, return_tensors="pt")
+        tokens = tokenizer([open_clip_clean(p) for p in PROMPTS], padding=True, truncation=True, max_length=77,
+                           return_tensors="pt")
         text_embeds = text_embeddings(model, tokens["input_ids"], tokens["attention_mask"])
         classifier = ClipColorClassifier(model, tokenizer, torch.device("cpu"), amp=False)
         logits = F.normalize(image_embeds.float(), dim=-1) @ classifier.text_weights(CLASSNAME)
@@ -117,7 +119,8 @@ STEPS = {"official-torch": official, "ours": ours}
 def compare(work: Path) -> list[dict]:
     o, u = load_json(work / "openclip" / "official-torch.json"), load_json(work / "openclip" / "ours.json")
     rows = []
-    for key, label in (("cosines", f"{arch()} image-text cosine"), ("color_logits", "GenEval colour logits (10 colours)")):
+    for key, label in (("cosines", f"{arch()} image-text cosine"),
+                       ("color_logits", "GenEval colour logits (10 colours)")):
         d = max_abs_diff(o[key], u[key])
         rows.append({"scorer": "open_clip", "quantity": label, "n": len(o[key]), "max_abs_diff": d,
                      "tolerance": TOLERANCE, "ok": d <= TOLERANCE, "note": ""})
