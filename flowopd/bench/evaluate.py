@@ -162,84 +162,99 @@ def evaluate(
     run_dir = Path(out) if out else Path("runs") / run_name(label)
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"--out {run_dir}: a file, expected a run directory")
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if images is None and policy is None:
-        log(f"loading {label} on {device}")
-        policy = load_policy(checkpoint, device=device)
-    if images is not None:
-        identity = {"kind": "images", "path": str(Path(images).resolve())}
-    elif checkpoint is not None:
-        # after loading: a hub model's revision is then cached; hashed by rank 0 alone, the same on every process
-        identity = shard.on_main(lambda: dict(checkpoint.identity))
-    elif identity is None:
-        identity = {"kind": "in-process policy", "run_dir": str(run_dir.resolve())}
-    results = _run_results(run_dir, label, identity)
-
-    built: dict[tuple[str, str], Scorer] = {}
-    for spec in specs:
-        all_prompts = load_prompts(spec.prompts)
-        prompts_sha256 = prompt_set_sha256(all_prompts)
-        prompts = all_prompts[:limit] if limit is not None else all_prompts
+    try:
+        if images is None and policy is None:
+            log(f"loading {label} on {device}")
+            policy = load_policy(checkpoint, device=device)
         if images is not None:
-            root = Path(images)
-            if (root / spec.name).is_dir():
-                root = root / spec.name
-            files = {i: f for i, f in match_external_images(root, all_prompts, spec.name, positional).items()
-                     if i < len(prompts)}
-            if not files:
-                raise FileNotFoundError(f"--images {root}: no images of the first {len(prompts)} prompts of "
-                                        f"{spec.name}")
-            record, images_key = None, None
-        else:
-            image_set = spec.images_from or spec.name
-            if spec.images_from:
-                _check_shared_images(spec, _with_generation(get_spec(spec.images_from), generation))
-            root = run_dir / "images" / image_set
-            key = image_set_key(identity, image_set, prompts_sha256, spec.generation, label)
-            made = generate_images(policy, prompts, root, spec.generation, image_set, key, batch_size=batch_size,
-                                   progress=progress, shard=shard)
-            if made == 0:
-                log(f"{spec.name}: all {len(prompts) * spec.generation.images_per_prompt} images cached in {root}")
-            n = spec.generation.images_per_prompt
-            files = {i: [sample_path(root, i, k) for k in range(n)] for i in range(len(prompts))}
-            record = spec.generation.record()  # not `generation`: the caller's override for every spec
-            images_key = {k: v for k, v in key.items() if k != "checkpoint"}
-        key_scorer = (spec.scorer, repr(sorted(spec.scorer_options.items())))
-        if scorers and spec.name in scorers:
-            scorer = scorers[spec.name]
-        else:
-            if key_scorer not in built:
-                built[key_scorer] = _build_scorer(spec, device)
-            scorer = built[key_scorer]
-        score_key = score_cache_key(spec, scorer, files, prompts_sha256, images_key)
-        with torch.inference_mode():
-            df = score_images(spec, scorer, prompts, files, run_dir / "scores", score_key,
-                              batch_size=batch_size * 2, progress=progress, log=log, shard=shard)
-        if not shard.is_main:
-            continue  # rank 0 alone aggregates and writes results.json
-        metrics = aggregate(df, spec.aggregation, spec.group_by)
-        results["benchmarks"][spec.name] = {
-            "spec_version": spec.version,
-            "scorer": spec.scorer,
-            "scorer_version": scorer.version,
-            "engine": engine_record(scorer, df),  # engine, version, checkpoint, precision, official
-            "scale": list(spec.scale),
-            "higher_is_better": spec.higher_is_better,
-            "aggregation": spec.aggregation,
-            "generation": record,
-            "images": str(root),
-            "image_matching": None if images is None else ("positional" if positional else "metadata"),
-            "limit": limit,
-            "n_prompts": len(files),
-            "n_prompts_total": len(all_prompts),
-            "prompts_sha256": prompts_sha256,
-            "prompts_pinned": spec.prompts.format == "python" or bool(spec.prompts.sha256),
-            "n_images": int(len(df)),
-            "n_nan": int(df["score"].isna().sum()),
-            "metrics": {name: m.to_dict() for name, m in metrics.items()},
-            "processes": shard.world_size,  # of the run that scored it (images are the same at any count)
-        }
-        save_results(results, run_dir)
-    shard.barrier()
-    results = load_results(run_dir)
-    return results
+            identity = {"kind": "images", "path": str(Path(images).resolve())}
+        elif checkpoint is not None:
+            # after loading: a hub model's revision is then cached; hashed by rank 0 alone, the same on every process
+            identity = shard.on_main(lambda: dict(checkpoint.identity))
+        elif identity is None:
+            identity = {"kind": "in-process policy", "run_dir": str(run_dir.resolve())}
+        results = _run_results(run_dir, label, identity)
+
+        built: dict[tuple[str, str], Scorer] = {}
+        for spec in specs:
+            all_prompts = load_prompts(spec.prompts)
+            prompts_sha256 = prompt_set_sha256(all_prompts)
+            prompts = all_prompts[:limit] if limit is not None else all_prompts
+            if images is not None:
+                root = Path(images)
+                if (root / spec.name).is_dir():
+                    root = root / spec.name
+                files = {i: f for i, f in match_external_images(root, all_prompts, spec.name, positional).items()
+                         if i < len(prompts)}
+                if not files:
+                    raise FileNotFoundError(f"--images {root}: no images of the first {len(prompts)} prompts of "
+                                            f"{spec.name}")
+                record, images_key = None, None
+            else:
+                image_set = spec.images_from or spec.name
+                if spec.images_from:
+                    _check_shared_images(spec, _with_generation(get_spec(spec.images_from), generation))
+                root = run_dir / "images" / image_set
+                key = image_set_key(identity, image_set, prompts_sha256, spec.generation, label)
+                made = generate_images(policy, prompts, root, spec.generation, image_set, key, batch_size=batch_size,
+                                       progress=progress, shard=shard)
+                if made == 0:
+                    log(f"{spec.name}: all {len(prompts) * spec.generation.images_per_prompt} images cached in {root}")
+                n = spec.generation.images_per_prompt
+                files = {i: [sample_path(root, i, k) for k in range(n)] for i in range(len(prompts))}
+                record = spec.generation.record()  # not `generation`: the caller's override for every spec
+                images_key = {k: v for k, v in key.items() if k != "checkpoint"}
+            key_scorer = (spec.scorer, repr(sorted(spec.scorer_options.items())))
+            if scorers and spec.name in scorers:
+                scorer = scorers[spec.name]
+            else:
+                if key_scorer not in built:
+                    built[key_scorer] = _build_scorer(spec, device)
+                scorer = built[key_scorer]
+            score_key = score_cache_key(spec, scorer, files, prompts_sha256, images_key)
+            with torch.inference_mode():
+                df = score_images(spec, scorer, prompts, files, run_dir / "scores", score_key,
+                                  batch_size=batch_size * 2, progress=progress, log=log, shard=shard)
+            if not shard.is_main:
+                continue  # rank 0 alone aggregates and writes results.json
+            metrics = aggregate(df, spec.aggregation, spec.group_by)
+            results["benchmarks"][spec.name] = {
+                "spec_version": spec.version,
+                "scorer": spec.scorer,
+                "scorer_version": scorer.version,
+                "engine": engine_record(scorer, df),  # engine, version, checkpoint, precision, official
+                "scale": list(spec.scale),
+                "higher_is_better": spec.higher_is_better,
+                "aggregation": spec.aggregation,
+                "generation": record,
+                "images": str(root),
+                "image_matching": None if images is None else ("positional" if positional else "metadata"),
+                "limit": limit,
+                "n_prompts": len(files),
+                "n_prompts_total": len(all_prompts),
+                "prompts_sha256": prompts_sha256,
+                "prompts_pinned": spec.prompts.format == "python" or bool(spec.prompts.sha256),
+                "n_images": int(len(df)),
+                "n_nan": int(df["score"].isna().sum()),
+                "metrics": {name: m.to_dict() for name, m in metrics.items()},
+                "processes": shard.world_size,  # of the run that scored it (images are the same at any count)
+            }
+            save_results(results, run_dir)
+        shard.barrier()
+        results = load_results(run_dir)
+        return results
+    except BaseException:
+        if fresh:  # bad input leaves nothing behind: the directories this call made, while still empty
+            _remove_empty_dirs(run_dir)
+        raise
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """Remove ``root`` and the directories below it that hold no file (deepest first); files are never touched."""
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
