@@ -203,7 +203,9 @@ class TextLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        q, k, v = (p(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         x = x + self.out_proj(att.transpose(1, 2).flatten(2))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
@@ -308,7 +310,7 @@ def _interpolate2x(h: torch.Tensor) -> torch.Tensor:
 
 
 def _repeat2x(h: torch.Tensor) -> torch.Tensor:
-    """Nearest 2x upsampling as one strided copy: interpolate's values, three times faster on a CPU."""
+    """Nearest 2x upsampling as one strided copy: interpolate's values, faster on a CPU."""
     n, c, height, width = h.shape
     return h[:, :, :, None, :, None].expand(n, c, height, 2, width, 2).reshape(n, c, 2 * height, 2 * width)
 
