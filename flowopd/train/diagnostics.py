@@ -21,6 +21,12 @@ goes to tensorboard and ``metrics.jsonl`` as ``grad_cosine/<a>__<b>`` (with ``gr
 
     python -m flowopd.train.diagnostics cosines runs/mini_grpo_mix runs/mini_opd_merge --out cosines.png
     python -m flowopd.train.diagnostics rewards runs/mini_grpo_mix runs/mini_opd_merge --out rewards.png
+
+Reward-hacking monitor (:mod:`flowopd.train.monitor`): the loops log ``monitor/blank_rate``,
+``monitor/group_diversity`` and ``monitor/image_std`` every iteration; :func:`plot_monitor` draws them beside
+``reward/total``::
+
+    python -m flowopd.train.diagnostics monitor runs/mini_grpo_geneval --out monitor.png
 """
 
 from __future__ import annotations
@@ -282,18 +288,74 @@ def plot_task_rewards(
     return out
 
 
+MONITOR_PANELS = ("reward/total", "monitor/blank_rate", "monitor/group_diversity", "monitor/image_std")
+
+
+def plot_monitor(
+    metrics_paths: Sequence[str | Path], out_png: str | Path, labels: Sequence[str] | None = None
+) -> Path:
+    """The reward curve beside the reward-hacking monitor (:mod:`flowopd.train.monitor`): one panel per key of
+    :data:`MONITOR_PANELS` against iteration from runs' ``metrics.jsonl``, one line per run. A run without
+    ``monitor/*`` values is refused."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = [_resolve(p, "metrics.jsonl") for p in metrics_paths]
+    names = list(labels) if labels else [_label(f) for f in files]
+    if len(names) != len(files):
+        raise ValueError(f"plot_monitor: {len(names)} labels for {len(files)} runs")
+    curves: list[dict[str, list[tuple[float, float]]]] = []
+    for f in files:
+        per_key: dict[str, list[tuple[float, float]]] = {}
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: line {n} is not JSON ({e.msg})") from None
+            for key in MONITOR_PANELS:
+                value = row.get(key)
+                if value is not None and "iteration" in row:
+                    per_key.setdefault(key, []).append((row["iteration"], value))
+        if not any(k.startswith("monitor/") for k in per_key):
+            raise ValueError(f"{f}: no monitor/* metrics (a run from before the hacking monitor?)")
+        curves.append(per_key)
+    fig, axes = plt.subplots(1, len(MONITOR_PANELS), figsize=(3.6 * len(MONITOR_PANELS), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], MONITOR_PANELS):
+        for i, (per_key, name) in enumerate(zip(curves, names)):
+            if key in per_key:
+                x, y = zip(*per_key[key])
+                ax.plot(x, y, label=name, color=f"C{i}")  # one colour per run in every panel
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("iteration")
+    next(ax for ax in axes[0] if ax.lines).legend(fontsize=8)  # a run without rewards leaves the first empty
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flowopd.train.diagnostics {cosines,rewards} RUN [RUN ...] --out PNG [--labels ...]``."""
+    """``python -m flowopd.train.diagnostics {cosines,rewards,monitor} RUN [RUN ...] --out PNG [--labels ...]``;
+    a missing run or one without the plotted values is refused in one line (exit 2)."""
     parser = argparse.ArgumentParser(prog="python -m flowopd.train.diagnostics", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["cosines", "rewards"], help="gradient cosines or per-task reward curves")
+    parser.add_argument("what", choices=["cosines", "rewards", "monitor"],
+                        help="gradient cosines, per-task reward curves, or the reward beside the hacking monitor")
     parser.add_argument("runs", nargs="+", help="run output directories (or their grad_cosines.csv / metrics.jsonl)")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: directory names)")
     add_log_level_argument(parser)
     args = parser.parse_args(argv)
     configure(args.log_level)
-    plot = plot_gradient_cosines if args.what == "cosines" else plot_task_rewards
-    print(plot(args.runs, args.out, args.labels))
+    plot = {"cosines": plot_gradient_cosines, "rewards": plot_task_rewards, "monitor": plot_monitor}[args.what]
+    try:
+        print(plot(args.runs, args.out, args.labels))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -54,6 +54,7 @@ from flowopd.train.config import (
 from flowopd.train.diagnostics import GradientCosineCSV, probe_task_gradients, task_reward_metrics
 from flowopd.train.lora import adapter_disabled, lora_parameters
 from flowopd.train.losses import group_advantages, grpo_loss, reference_kl
+from flowopd.train.monitor import ImageMonitor
 from flowopd.train.prompts import PromptSampler
 from flowopd.train.rollout import (
     Trajectory,
@@ -292,6 +293,7 @@ def _train(
             del traj, cond
             metrics.update({"time/sample_s": timing["sample"], "time/reward_wait_s": timing["reward_wait"],
                             "time/train_s": time.perf_counter() - t1})
+            metrics.update({k: v for k, v in timing.items() if k.startswith("monitor/")})
             run.end_iteration(iteration, metrics, t0)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('reward/total', math.nan):.4f}")
@@ -336,11 +338,16 @@ def rollout(
     executor: ThreadPoolExecutor | None,
 ) -> tuple[Trajectory, Conditioning, RewardOutput | None, dict[str, float]]:
     """Sample this process's share in batches; score each batch (in the background when asked; not at all
-    without a reward). Rollouts with non-finite states stop the run (finite but diverged adapter weights)."""
+    without a reward). Rollouts with non-finite states stop the run (finite but diverged adapter weights).
+    The last value holds the timings and the reward-hacking monitor of every process's images
+    (``monitor/*``, :mod:`flowopd.train.monitor`)."""
     model.eval()
+    monitor = ImageMonitor(plan.group_ids)
     with unwrapped(policy, model):
-        out = sample_and_score(config, policy, plan, local, reward, executor)
+        out = sample_and_score(config, policy, plan, local, reward, executor, monitor)
     from accelerate.utils import reduce
+
+    out[3].update(monitor.metrics(lambda t: reduce(t, reduction="sum")))
 
     traj = out[0]
     bad = ~(torch.isfinite(traj.log_probs).all() & torch.isfinite(traj.latents).all())
@@ -358,6 +365,7 @@ def sample_and_score(
     local: np.ndarray,
     reward: Reward | None,
     executor: ThreadPoolExecutor | None,
+    monitor: ImageMonitor | None = None,
 ) -> tuple[Trajectory, Conditioning, RewardOutput | None, dict[str, float]]:
     parts, conds, futures = [], [], []
     t0 = time.perf_counter()
@@ -374,6 +382,8 @@ def sample_and_score(
                                      config.sde_type)
         # the scorer keeps the images; training does not (an empty tensor, not a view that pins their storage)
         images, traj.images = traj.images, traj.images.new_empty((0, *traj.images.shape[1:]))
+        if monitor is not None:
+            monitor.add(images, ids)
         if reward is not None and executor is not None:
             futures.append(executor.submit(_score, reward, images, texts, metas))
         elif reward is not None:

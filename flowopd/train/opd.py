@@ -396,6 +396,7 @@ def _train(
             del traj, cond
             metrics.update({"time/sample_s": timing["sample"], "time/reward_wait_s": timing["reward_wait"],
                             "time/train_s": time.perf_counter() - t1})
+            metrics.update({k: v for k, v in timing.items() if k.startswith("monitor/")})
             run.end_iteration(iteration, metrics, t0)
             bar.update(1)
             bar.set_postfix(kl=f"{metrics.get('train/kl_t', math.nan):.4g}")
