@@ -38,6 +38,7 @@ import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -247,6 +248,35 @@ def plot_gradient_cosines(
     return out
 
 
+def _plot_panels(
+    plt: Any,
+    curves: Sequence[dict[str, list[tuple[float, float]]]],
+    names: Sequence[str],
+    keys: Sequence[str],
+    out_png: str | Path,
+    ylabel: str | None = None,
+) -> Path:
+    """One panel per key against iteration, one line (one colour in every panel) per run; the legend goes on the
+    first panel that has a line (a run without rewards leaves the first empty). Writes ``out_png``."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, (per_key, name) in enumerate(zip(curves, names)):
+            if key in per_key:
+                x, y = zip(*per_key[key])
+                ax.plot(x, y, label=name, color=f"C{i}")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("iteration")
+    if ylabel:
+        axes[0, 0].set_ylabel(ylabel)
+    next(ax for ax in axes[0] if ax.lines).legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_task_rewards(
     metrics_paths: Sequence[str | Path], out_png: str | Path, labels: Sequence[str] | None = None
 ) -> Path:
@@ -270,22 +300,7 @@ def plot_task_rewards(
     tasks = sorted({t for c in curves for t in c})
     if not tasks:
         raise ValueError(f"plot_task_rewards: no reward_task/* metrics in {[str(f) for f in files]}")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 2.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for i, (per_task, name) in enumerate(zip(curves, names)):
-            if task in per_task:
-                x, y = zip(*per_task[task])
-                ax.plot(x, y, label=name, color=f"C{i}")  # one colour per run in every panel
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("iteration")
-    axes[0, 0].set_ylabel("mean reward")
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _plot_panels(plt, curves, names, tasks, out_png, ylabel="mean reward")
 
 
 MONITOR_PANELS = ("reward/total", "monitor/blank_rate", "monitor/group_diversity", "monitor/image_std")
@@ -321,21 +336,7 @@ def plot_monitor(
         if not any(k.startswith("monitor/") for k in per_key):
             raise ValueError(f"{f}: no monitor/* metrics (a run from before the hacking monitor?)")
         curves.append(per_key)
-    fig, axes = plt.subplots(1, len(MONITOR_PANELS), figsize=(3.6 * len(MONITOR_PANELS), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], MONITOR_PANELS):
-        for i, (per_key, name) in enumerate(zip(curves, names)):
-            if key in per_key:
-                x, y = zip(*per_key[key])
-                ax.plot(x, y, label=name, color=f"C{i}")  # one colour per run in every panel
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("iteration")
-    next(ax for ax in axes[0] if ax.lines).legend(fontsize=8)  # a run without rewards leaves the first empty
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _plot_panels(plt, curves, names, MONITOR_PANELS, out_png)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
