@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tiny_runs import tiny_recipe
 
 from flowopd.train.diagnostics import main as diagnostics_main
 from flowopd.train.monitor import (
@@ -83,51 +84,14 @@ def test_group_ids_must_match_the_images():
         ImageMonitor([0, 1]).metrics()
 
 
-RECIPE = """
-model = "{model}"
-output_dir = "{out}"
-imports = ["_grpo_scorers"]
-mixed_precision = "no"
-cpu = true
-threads = 1
-lora_rank = 4
-lora_alpha = 8
-resolution = 32
-num_steps = 3
-group_size = 2
-prompts_per_iteration = 2
-sample_batch_size = 2
-updates_per_iteration = 1
-num_iterations = 2
-eval_every = 0
-progress = false
-tensorboard = false
-
-[reward]
-weights = {{ test-redness = 1.0 }}
-
-[[prompts]]
-task = "geneval"
-sampler = "flowopd.world.grammar:sample_prompt"
-sampler_args = {{ split = "train", task = "geneval" }}
-"""
-
-
 def _tiny_grpo_run(tmp_path):
-    from flowopd.models.mini import MiniTokenizer, build_mini, save_mini
+    """A 2-iteration GRPO run of the shared tiny recipe (tests/_tiny_runs.py) on one thread."""
     from flowopd.train.__main__ import main as train_main
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        policy = build_mini(MiniTokenizer.from_grammar(max_length=20), channels=[8, 16, 16], text_dim=16,
-                            text_layers=1, heads=2, cond_dim=16, groups=4)
-        torch.nn.init.normal_(policy.net.conv_out.weight, std=0.1)
-        save_mini(policy, tmp_path / "base")
-        recipe = tmp_path / "grpo.toml"
-        recipe.write_text(RECIPE.format(model=tmp_path / "base", out=tmp_path / "run"))
-        assert train_main(["grpo", str(recipe)]) == 0
+        assert train_main(["grpo", str(tiny_recipe(tmp_path))]) == 0
     finally:
         torch.set_num_threads(previous)
     return tmp_path / "run"
