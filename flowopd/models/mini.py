@@ -19,7 +19,6 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,33 +375,15 @@ class MiniPolicy(nn.Module):
         if guidance_scale != 1.0:
             tokens, mask = torch.cat([tokens, cond["negative_tokens"]]), torch.cat([mask, cond["negative_mask"]])
         text = net.encode_text(tokens, mask)
-        cpu = self.device.type == "cpu"
-        if cpu:
+        if self.device.type == "cpu":
             keep_freed_memory()
-
-        def rows(a: int, b: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-            """The text rows of samples a..b (with CFG: their conditional rows, then their negative rows)."""
-            if guidance_scale == 1.0:
-                return (text[0][a:b], text[1][a:b]), mask[a:b]
-            n = mask.shape[0] // 2
-            pick = (lambda r: torch.cat([r[a:b], r[n + a:n + b]])) if (a, b) != (0, n) else (lambda r: r)
-            return (pick(text[0]), pick(text[1])), pick(mask)
-
-        def one(x: torch.Tensor, t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            chunk_text, chunk_mask = rows(a, b)
-            if guidance_scale == 1.0:
-                return net.denoise(x, t, chunk_text, chunk_mask, inference=True)
-            v_cond, v_uncond = net.denoise(
-                torch.cat([x, x]), torch.cat([t, t]), chunk_text, chunk_mask, inference=True
-            ).chunk(2)
-            return v_uncond + guidance_scale * (v_cond - v_uncond)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = t.to(x.device).expand(x.shape[0])
-            bounds = row_chunks(x.shape[0], torch.get_num_threads()) if cpu else [(0, x.shape[0])]
-            if len(bounds) == 1:
-                return one(x, t, 0, x.shape[0])
-            return torch.cat(parallel_rows(lambda a, b: one(x[a:b], t[a:b], a, b), bounds))
+            if guidance_scale == 1.0:
+                return net.denoise(x, t, text, mask, inference=True)
+            v_cond, v_uncond = net.denoise(torch.cat([x, x]), torch.cat([t, t]), text, mask, inference=True).chunk(2)
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
 
         return velocity
 
@@ -416,42 +397,6 @@ class MiniPolicy(nn.Module):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-MIN_ROWS_PER_WORKER = 16
-"""A sampling batch is split across CPU threads only where every share has at least this many samples."""
-
-
-def row_chunks(n: int, threads: int) -> list[tuple[int, int]]:
-    """Contiguous shares ``[(a, b), ...]`` of ``n`` samples for ``threads`` workers, at most one per
-    :data:`MIN_ROWS_PER_WORKER` samples (one share: no split)."""
-    workers = max(1, min(threads, n // MIN_ROWS_PER_WORKER))
-    edges = [n * w // workers for w in range(workers + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-@functools.cache
-def _row_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flowopd-rows")
-
-
-def parallel_rows(fn: Callable[[int, int], torch.Tensor], bounds: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """``[fn(a, b) for a, b in bounds]``, the shares on their own threads, each with one intra-op thread.
-
-    On a few CPU cores a small network's ops parallelise poorly inside one op (a batch of 64 mini images at
-    2 threads ran about as fast as at 1 under load); whole shares of the batch on separate threads, each op
-    single-threaded, keep every core busy. The mini network computes each row on its own, so every sample gets
-    the values of the one-batch call at one intra-op thread, which at two threads (the machine of every
-    committed mini record and CPU recipe) are also the one-batch values (tests/test_mini_parallel_rows.py
-    checks the bits; at three or more threads torch's own results differ from one thread's for some shapes).
-    The process-wide intra-op thread count is set to 1 for the call and restored after it.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return list(_row_pool(len(bounds)).map(lambda ab: fn(*ab), bounds))
-    finally:
-        torch.set_num_threads(previous)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
