@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="generate (resumable), score and aggregate")
     p.add_argument("checkpoint", nargs="?", default=None,
                    help="mini:NAME, a diffusers SD3 dir or hub id, or a LoRA adapter dir (default: mini:base)")
-    p.add_argument("--benchmarks", help="comma-separated names (default: all mini ones, or Table 1's four)")
+    p.add_argument("--benchmarks", help="comma-separated names, or 'all' for every benchmark of the checkpoint's "
+                   "scale (default: Table 1's four, mini-geneval,mini-ocr,mini-quality,mini-pick for a mini "
+                   "checkpoint, geneval,ocr,deqa,pickscore otherwise)")
     p.add_argument("--out", help="run directory (default: runs/<checkpoint>)")
     p.add_argument("--limit", type=positive_int,
                    help="evaluate only the first N prompts of each benchmark (the results are then partial)")

@@ -40,14 +40,38 @@ from flowopd.scorers.engine import engine_record
 
 logger = logging.getLogger(__name__)
 
+# Table 1's four benchmarks at each scale (reports/tables/table1.toml's columns; tests/test_default_benchmarks.py)
 SD35M_DEFAULT_BENCHMARKS = ("geneval", "ocr", "deqa", "pickscore")
+MINI_DEFAULT_BENCHMARKS = ("mini-geneval", "mini-ocr", "mini-quality", "mini-pick")
+ALL = "all"
+"""``--benchmarks all``: every benchmark of the checkpoint's scale (the mini ones for a mini checkpoint)."""
 
 
 def default_benchmarks(checkpoint: Checkpoint | None) -> list[str]:
-    """Every mini benchmark for mini checkpoints; Table 1's four benchmarks otherwise."""
-    if checkpoint is None or checkpoint.is_mini:
-        return [name for name, spec in all_specs().items() if spec.scale_name == "mini"]
-    return list(SD35M_DEFAULT_BENCHMARKS)
+    """Table 1's four benchmarks, at the checkpoint's scale (mini for none or a mini checkpoint); ``all`` names
+    every benchmark of that scale (:func:`scale_benchmarks`)."""
+    return list(MINI_DEFAULT_BENCHMARKS if _is_mini(checkpoint) else SD35M_DEFAULT_BENCHMARKS)
+
+
+def scale_benchmarks(checkpoint: Checkpoint | None) -> list[str]:
+    """Every benchmark of the checkpoint's scale, in name order (the specs found, FLOWOPD_BENCHMARKS_DIR's too)."""
+    scale = "mini" if _is_mini(checkpoint) else "sd35m"
+    return [name for name, spec in all_specs().items() if spec.scale_name == scale]
+
+
+def _is_mini(checkpoint: Checkpoint | None) -> bool:
+    return checkpoint is None or checkpoint.is_mini
+
+
+def _benchmark_names(benchmarks: Sequence[str] | None, checkpoint: Checkpoint | None) -> list[str]:
+    if not benchmarks:
+        return default_benchmarks(checkpoint)
+    if ALL in benchmarks:
+        if len(benchmarks) > 1:
+            raise ValueError(f"--benchmarks {','.join(benchmarks)}: 'all' stands alone (every benchmark of the "
+                             f"checkpoint's scale); give it or the names")
+        return scale_benchmarks(checkpoint)
+    return list(dict.fromkeys(benchmarks))
 
 
 def run_name(checkpoint: str) -> str:
@@ -152,7 +176,7 @@ def evaluate(
                          f"with its base already (resolve_checkpoint(name, base))")
     if checkpoint is not None:
         checkpoint.check_exists()
-    names = list(dict.fromkeys(benchmarks)) if benchmarks else default_benchmarks(checkpoint)
+    names = _benchmark_names(benchmarks, checkpoint)
     if batch_size is None:  # the mini model is small: large batches are much faster on a CPU
         batch_size = 64 if checkpoint is None or checkpoint.is_mini else 8
     specs = [_with_generation(get_spec(name), generation) for name in names]  # fail early on unknown names
