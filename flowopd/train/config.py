@@ -104,6 +104,7 @@ FIELD_RULES: dict[str, Rule] = {
     "best_of_n": _AT_LEAST_1, "save_every": _AT_LEAST_1, "eval_every": Rule(ge=0, why="0 = never"),
     "checkpoint_every": Rule(ge=0, why="0 = only the final model"), "keep_checkpoints": _AT_LEAST_1,
     "eval_limit": _AT_LEAST_1, "grad_cosine_every": Rule(ge=0, why="0 = off"), "grad_cosine_prompts": _AT_LEAST_1,
+    "monitor_probe_every": Rule(ge=0, why="0 = off"), "monitor_probe_prompts": _AT_LEAST_1,
     "reward_workers": _AT_LEAST_0, "threads": Rule(ge=0, why="0 = torch's default"), "seed": _AT_LEAST_0,
     "lora_rank": _AT_LEAST_1, "lora_alpha": _POSITIVE, "resolution": _AT_LEAST_1,
     # sampling
@@ -448,5 +449,12 @@ class TrainConfig:
     eval_benchmarks: list[str] = help_field([], "Benchmarks of flowopd.bench for periodic evaluation.")
     eval_limit: int | None = help_field(None, "Evaluate on the first N prompts of each benchmark (None = all).")
     eval_batch_size: int = help_field(8, "Batch size of evaluation sampling.")
+    monitor_probe_every: int = help_field(0, "Mini world only: every N iterations (and at 0 and the last), the "
+                                          "policy samples a fixed probe set of train-split prompts and the four "
+                                          "Table-1 mini scorers score it, logged as monitor/probe/<benchmark> "
+                                          "(flowopd.train.probe; trains nothing, draws no random number); 0 = off. "
+                                          "SD3.5-M: use eval_every / eval_benchmarks.")
+    monitor_probe_prompts: int = help_field(16, "Prompts of the probe set per image set (mini-geneval's, also "
+                                            "scored by mini-quality and mini-pick, and mini-ocr's), one image each.")
     tensorboard: bool = help_field(True, "Write tensorboard events to <output_dir>/tensorboard.")
     progress: bool = help_field(True, "Show a progress bar.")

@@ -23,7 +23,8 @@ goes to tensorboard and ``metrics.jsonl`` as ``grad_cosine/<a>__<b>`` (with ``gr
     python -m flowopd.train.diagnostics rewards runs/mini_grpo_mix runs/mini_opd_merge --out rewards.png
 
 Reward-hacking monitor (:mod:`flowopd.train.monitor`): the loops log ``monitor/blank_rate``,
-``monitor/group_diversity`` and ``monitor/image_std`` every iteration; :func:`plot_monitor` draws them beside
+``monitor/group_diversity`` and ``monitor/image_std`` every iteration, and a mini run with ``monitor_probe_every``
+the probe set's ``monitor/probe/<benchmark>`` (:mod:`flowopd.train.probe`); :func:`plot_monitor` draws them beside
 ``reward/total``::
 
     python -m flowopd.train.diagnostics monitor runs/mini_grpo_geneval --out monitor.png
@@ -36,7 +37,7 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ import numpy as np
 import torch
 
 from flowopd.logs import add_log_level_argument, configure
+from flowopd.train.probe import METRIC_PREFIX as PROBE_PREFIX
+from flowopd.train.probe import PROBE_BENCHMARKS
 
 CSV_NAME = "grad_cosines.csv"
 _COLUMNS = ("iteration", "task_a", "task_b", "cosine")
@@ -255,20 +258,32 @@ def _plot_panels(
     keys: Sequence[str],
     out_png: str | Path,
     ylabel: str | None = None,
+    cols: int | None = None,
+    points: Collection[str] = (),
 ) -> Path:
-    """One panel per key against iteration, one line (one colour in every panel) per run; the legend goes on the
-    first panel that has a line (a run without rewards leaves the first empty). Writes ``out_png``."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    """One panel per key against iteration (an empty key leaves its slot empty), ``cols`` panels a row (default: one
+    row), one line (one colour in every panel) per run, with a marker at every value for the keys in ``points``
+    (values logged at some iterations only); the legend goes on the first panel that has a line (a run without
+    rewards leaves the first empty). Writes ``out_png``."""
+    cols = cols or len(keys)
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        if not key:  # an empty slot (the rest of a row)
+            ax.axis("off")
+            continue
         for i, (per_key, name) in enumerate(zip(curves, names)):
             if key in per_key:
                 x, y = zip(*per_key[key])
-                ax.plot(x, y, label=name, color=f"C{i}")
+                style = {"marker": "o", "markersize": 3} if key in points else {}
+                ax.plot(x, y, label=name, color=f"C{i}", **style)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("iteration")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
     if ylabel:
         axes[0, 0].set_ylabel(ylabel)
-    next(ax for ax in axes[0] if ax.lines).legend(fontsize=8)
+    next(ax for ax in axes.flat if ax.lines).legend(fontsize=8)
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -310,8 +325,9 @@ def plot_monitor(
     metrics_paths: Sequence[str | Path], out_png: str | Path, labels: Sequence[str] | None = None
 ) -> Path:
     """The reward curve beside the reward-hacking monitor (:mod:`flowopd.train.monitor`): one panel per key of
-    :data:`MONITOR_PANELS` against iteration from runs' ``metrics.jsonl``, one line per run. A run without
-    ``monitor/*`` values is refused."""
+    :data:`MONITOR_PANELS` against iteration from runs' ``metrics.jsonl``, one line per run; when a run has the
+    probe set's ``monitor/probe/<benchmark>`` values (:mod:`flowopd.train.probe`), a second row with one panel per
+    probe benchmark, a point at every iteration the probe ran. A run without ``monitor/*`` values is refused."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,14 +345,20 @@ def plot_monitor(
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{f}: line {n} is not JSON ({e.msg})") from None
-            for key in MONITOR_PANELS:
-                value = row.get(key)
-                if value is not None and "iteration" in row:
+            for key, value in row.items():
+                if (key in MONITOR_PANELS or key.startswith(PROBE_PREFIX)) and value is not None and "iteration" in row:
                     per_key.setdefault(key, []).append((row["iteration"], value))
         if not any(k.startswith("monitor/") for k in per_key):
             raise ValueError(f"{f}: no monitor/* metrics (a run from before the hacking monitor?)")
         curves.append(per_key)
-    return _plot_panels(plt, curves, names, MONITOR_PANELS, out_png)
+    known = [PROBE_PREFIX + name for name in PROBE_BENCHMARKS]
+    probes = sorted({k for c in curves for k in c if k.startswith(PROBE_PREFIX)},
+                    key=lambda k: (known.index(k) if k in known else len(known), k))
+    if not probes:
+        return _plot_panels(plt, curves, names, MONITOR_PANELS, out_png)
+    cols = max(len(MONITOR_PANELS), len(probes))
+    keys = [*MONITOR_PANELS, *[""] * (cols - len(MONITOR_PANELS)), *probes]
+    return _plot_panels(plt, curves, names, keys, out_png, cols=cols, points=probes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

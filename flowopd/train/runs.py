@@ -43,6 +43,7 @@ RESUME_CHANGEABLE = (
     "num_iterations",  # the run's length (the mini teachers went from 36 to 84 iterations so)
     "save_every", "eval_every", "eval_benchmarks", "eval_limit", "eval_batch_size",  # checkpoints, evaluation
     "tensorboard", "progress", "grad_cosine_every", "grad_cosine_prompts",  # logging and diagnostics
+    "monitor_probe_every", "monitor_probe_prompts",  # the hacking monitor's probe set (samples, never trains)
     "threads", "reward_workers", "reward.servers",  # how the same computation runs
     "output_dir", "resume",  # where the outputs go and where the run comes from
 )

@@ -7,10 +7,10 @@ A trainer's ``train`` is a short recipe over it::
     policy, model = build_policy(config, accelerator.device)
     run = Run.prepare(config, accelerator, policy, model, training_steps, eval_scorers)  # optimizer, EMA
     ...                                     # the reward (built before a resume restores the RNG states)
-    run.begin()                             # resume, config.json, tensorboard, the evaluation before iteration 1
+    run.begin()                             # resume, config.json, tensorboard, evaluation and probe at 0
     for iteration in run.iterations():
         ...                                 # sample, score, train (run.step counts the optimizer steps)
-        run.end_iteration(iteration, metrics, t0)  # health check, checkpoint, evaluation, metrics.jsonl
+        run.end_iteration(iteration, metrics, t0)  # health check, checkpoint, evaluation, probe, metrics.jsonl
     return run.finish()
 
 Checkpoints (``<output_dir>/checkpoints/iteration-NNNNNN/``): ``adapter/`` in peft format (the EMA weights
@@ -52,6 +52,7 @@ from flowopd.train.lora import (
     trainable_module,
     unwrap,
 )
+from flowopd.train.probe import Probe, check_probe
 from flowopd.train.runs import (
     CheckpointError,
     check_health,
@@ -121,7 +122,9 @@ def make_accelerator(config: TrainConfig, gradient_accumulation_steps: int) -> A
 
 
 def build_policy(config: TrainConfig, device: torch.device) -> tuple[Any, torch.nn.Module]:
-    """Load the base policy frozen in the run's dtype and put a float32 LoRA adapter on its velocity network."""
+    """Load the base policy frozen in the run's dtype and put a float32 LoRA adapter on its velocity network (a
+    probe set on a model that is not of the mini world is refused first, :func:`flowopd.train.probe.check_probe`)."""
+    check_probe(config.model, config.monitor_probe_every)
     policy = load_policy(config.model, device=device, dtype=_DTYPES[config.mixed_precision])
     return policy, prepare_policy(policy, config)
 
@@ -199,6 +202,7 @@ class Run:
     ema: EMA | None
     rng: np.random.Generator  # the prompt and noise generator, shared by every process
     eval_scorers: Mapping[str, Scorer] | None = None
+    probe_set: Probe | None = None  # the hacking monitor's probe set (monitor_probe_every > 0)
     start: int = 0
     step: int = 0
     resumed_from: Path | None = None
@@ -217,7 +221,8 @@ class Run:
         eval_scorers: Mapping[str, Scorer] | None = None,
     ) -> Run:
         """AdamW on the adapter, the lr schedule over ``training_steps`` optimizer steps, the model and optimizer
-        through ``accelerator.prepare`` (set back on the policy), the EMA and the prompt/noise generator."""
+        through ``accelerator.prepare`` (set back on the policy), the EMA, the prompt/noise generator and the
+        hacking monitor's probe set (when ``monitor_probe_every`` is set; every process builds it, rank 0 uses it)."""
         from diffusers.optimization import get_scheduler
 
         named = lora_parameters(model)
@@ -231,8 +236,9 @@ class Run:
         set_trainable_module(policy, model)
         named = lora_parameters(model)
         ema = EMA(named, config.ema_decay, config.ema_update_interval) if config.ema else None
+        probe = Probe(config.monitor_probe_prompts) if config.monitor_probe_every else None
         return cls(config, accelerator, policy, model, named, optimizer, scheduler, ema,
-                   np.random.default_rng(config.seed), eval_scorers)
+                   np.random.default_rng(config.seed), eval_scorers, probe)
 
     @property
     def out_dir(self) -> Path:
@@ -244,7 +250,7 @@ class Run:
 
     def begin(self) -> None:
         """Resume from the checkpoint that ``config.resume`` names (:func:`flowopd.train.runs.prepare_resume`),
-        write ``config.json``, open tensorboard, and evaluate before the first iteration of a fresh run."""
+        write ``config.json``, open tensorboard, and evaluate and probe before the first iteration of a fresh run."""
         config, out_dir = self.config, self.out_dir
         self.resumed_from = prepare_resume(config, out_dir, CHECKPOINT_FORMAT)
         if self.resumed_from is not None:
@@ -254,8 +260,12 @@ class Run:
             (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str) + "\n")
         if config.tensorboard and self.is_main_process:
             self.writer = open_writer(out_dir, self.start)
-        if config.eval_every and config.eval_benchmarks and self.resumed_from is None:
-            self.history.append(self.log({"iteration": 0, **self.evaluate(0)}))
+        evaluating = bool(config.eval_every and config.eval_benchmarks)
+        if self.resumed_from is None and (evaluating or config.monitor_probe_every):
+            metrics = self.evaluate(0) if evaluating else {}
+            if config.monitor_probe_every:
+                metrics.update(self.probe())
+            self.history.append(self.log({"iteration": 0, **metrics}))
 
     def iterations(self) -> range:
         """The iterations still to run (1-based)."""
@@ -269,9 +279,9 @@ class Run:
                     disable=not (self.config.progress and self.accelerator.is_local_main_process))
 
     def end_iteration(self, iteration: int, metrics: dict[str, Any], t0: float) -> dict[str, float]:
-        """The tail every training loop shares: the checkpoint and the evaluation when due, then the iteration's
-        metrics logged (tensorboard, metrics.jsonl) and kept in ``history``; returns the logged row. An iteration
-        that diverged (:func:`flowopd.train.runs.check_health`) is logged, then stops the run before its
+        """The tail every training loop shares: the checkpoint, the evaluation and the probe when due, then the
+        iteration's metrics logged (tensorboard, metrics.jsonl) and kept in ``history``; returns the logged row. An
+        iteration that diverged (:func:`flowopd.train.runs.check_health`) is logged, then stops the run before its
         checkpoint."""
         config, out_dir = self.config, self.out_dir
         problem = check_health(metrics, self.named, self.ema, self.accelerator.scaler, self.step)
@@ -287,6 +297,10 @@ class Run:
             iteration % config.eval_every == 0 or iteration == config.num_iterations
         ):
             metrics.update(self.evaluate(iteration))
+        if config.monitor_probe_every and (
+            iteration % config.monitor_probe_every == 0 or iteration == config.num_iterations
+        ):
+            metrics.update(self.probe())
         metrics.update({"iteration": iteration, "optimizer_step": self.step,
                         "time/iteration_s": time.perf_counter() - t0})
         row = self.log(metrics)
@@ -342,6 +356,24 @@ class Run:
                 for metric, value in record["metrics"].items():
                     metrics[f"eval/{name}/{metric}"] = float(value["value"])
             metrics["time/eval_s"] = time.perf_counter() - t0
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def probe(self) -> dict[str, float]:
+        """The hacking monitor's probe set (:mod:`flowopd.train.probe`) sampled with the live adapter and scored:
+        ``monitor/probe/<benchmark>`` and ``time/probe_s``, main process only. The network is unwrapped, in eval
+        mode without autograd, and goes back to the mode it was in; nothing draws from a global generator."""
+        metrics: dict[str, float] = {}
+        if self.is_main_process and self.probe_set is not None:
+            t0 = time.perf_counter()
+            training = self.model.training
+            self.model.eval()
+            try:
+                with unwrapped(self.policy, self.model), torch.no_grad():
+                    metrics = self.probe_set(self.policy)
+            finally:
+                self.model.train(training)
+            metrics["time/probe_s"] = time.perf_counter() - t0
         self.accelerator.wait_for_everyone()
         return metrics
 
