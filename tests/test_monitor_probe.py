@@ -118,6 +118,12 @@ def test_a_grpo_run_trains_the_same_with_the_probe_and_logs_it_when_due(tmp_path
 
     assert trained(rows_on) == trained(rows_off) and len(trained(rows_off)) == 3
 
+    # the probe's fields may change on resume (they train nothing): the resumed run probes as it now says
+    _train(tmp_path, "off", "num_iterations=4", "resume=latest", "monitor_probe_every=4", "monitor_probe_prompts=3")
+    assert [r["iteration"] for r in _rows(off) if "monitor/probe/mini-ocr" in r] == [4]  # not 0: no fresh start
+    log = json.loads((off / "resume_log.jsonl").read_text())
+    assert log["changed"] == {"num_iterations": [3, 4], "monitor_probe_every": [0, 4], "monitor_probe_prompts": [16, 3]}
+
 
 def test_the_plot_adds_one_panel_per_probe_benchmark(tmp_path, monkeypatch):
     import matplotlib.figure
