@@ -181,3 +181,20 @@ def test_the_probe_is_refused_on_a_model_outside_the_mini_world(tmp_path, capsys
     _refused(capsys, ["grpo", str(tiny_recipe(tmp_path)), "model=stabilityai/stable-diffusion-3.5-medium",
                       "monitor_probe_every=6"],
              r"monitor_probe_every = 6", r"not a mini model", r"eval_every / eval_benchmarks", r"SD3\.5-M")
+
+
+
+def test_the_mini_recipes_probe_and_the_sd35m_ones_do_not():
+    import tomllib
+
+    from flowopd.train.probe import check_probe
+
+    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    mini = {p.name for p in [*root.glob("mini_grpo_*.toml"), *root.glob("mini_opd_*.toml")]}
+    assert len(mini) >= 9
+    for path in sorted(root.glob("*.toml")):
+        recipe = tomllib.loads(path.read_text())
+        every = recipe.get("monitor_probe_every", 0)
+        assert every == (6 if path.name in mini else 0), path.name
+        if "model" in recipe:
+            check_probe(recipe["model"], every)  # a probe only on a mini model

@@ -319,7 +319,7 @@ def test_mini_recipes_run_one_iteration(recipe, mini_world, tmp_path, request):
     assert (cfg.mar_weight == 0) == recipe.endswith("nomar.toml")
     overrides = [f"model={mini_world['base']}", f"output_dir={tmp_path / 'run'}", "num_iterations=1",
                  "prompts_per_iteration=2", "group_size=2", "sample_batch_size=4", "updates_per_iteration=1",
-                 "eval_every=0", "threads=1", "progress=false", "tensorboard=false",
+                 "eval_every=0", "monitor_probe_every=0", "threads=1", "progress=false", "tensorboard=false",
                  f"lora_path={mini_world['sft' if 'sft' in recipe else 'merge']}",
                  *(f"teachers.{t}={mini_world[t]}" for t in cfg.teachers)]
     assert train_main(["opd", str(path), *overrides]) == 0
