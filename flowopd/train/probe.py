@@ -21,6 +21,14 @@ The probe set:
 - the benchmarks' scorers (the spec's ``scorer`` and ``scorer_options``), in memory, no image file written;
   mini-quality and mini-pick score mini-geneval's probe images, as their specs' ``images_from`` says.
 
+Cost: one probe of 16 + 16 prompts on the committed mini:base took 4.0 s (median of 5; 3.9-4.7 s) and, later,
+6.0 s (5.2-6.3 s) on one torch thread of the 2-core development machine while two other jobs ran; at 2 threads
+there it took 17-49 s (contention with those jobs). Measured with::
+
+    python -c "import time, torch; from flowopd.models.loading import load_policy; \\
+    from flowopd.train.probe import Probe; torch.set_num_threads(1); policy = load_policy('mini:base'); \\
+    probe = Probe(16); t = time.perf_counter(); probe(policy); print(time.perf_counter() - t)"
+
 It draws from no global random generator (the noise comes from one generator per seed) and changes nothing that
 is trained: a run gives the same adapter with the probe on or off (tests/test_monitor_probe.py). SD3.5-M runs have
 no probe (their scorers are models, too costly to run inside training): their ``eval_every`` / ``eval_benchmarks``
