@@ -14,6 +14,10 @@ the reward curve):
   with at least two images. Identical images in a group give 0.
 
 Nothing here draws random numbers or changes what is trained.
+
+On the mini world the monitor also watches the other rewards: the probe set (:mod:`flowopd.train.probe`,
+``monitor_probe_every``) has the policy sample a small fixed set of train-split prompts every N iterations and logs
+the four Table-1 mini scorers' means as ``monitor/probe/<benchmark>``, drawn by the same plot.
 """
 
 from __future__ import annotations
