@@ -38,7 +38,7 @@ evaluate instead.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,17 +91,11 @@ def train_prompts(spec: BenchmarkSpec) -> list[dict[str, Any]]:
 
 
 class Probe:
-    """The probe set and its scorers, built once per run; calling it samples and scores with the policy as it is.
+    """The probe set of :data:`PROBE_BENCHMARKS` and their scorers, built once per run, with ``n_prompts``
+    (``monitor_probe_prompts``) prompts per image set; calling it samples and scores with the policy as it is."""
 
-    Args:
-        n_prompts: prompts per image set (``monitor_probe_prompts``).
-        benchmarks: the benchmarks scored (default :data:`PROBE_BENCHMARKS`).
-        scorers: scorers by benchmark name, replacing the specs' (tests).
-    """
-
-    def __init__(self, n_prompts: int, benchmarks: Sequence[str] = PROBE_BENCHMARKS,
-                 scorers: Mapping[str, Scorer] | None = None) -> None:
-        self.benchmarks = list(benchmarks)
+    def __init__(self, n_prompts: int) -> None:
+        self.benchmarks = list(PROBE_BENCHMARKS)
         self.owner: dict[str, str] = {}  # benchmark -> the image set it scores
         self.image_sets: dict[str, ProbeImageSet] = {}
         self.scorers: dict[str, Scorer] = {}
@@ -118,8 +112,7 @@ class Probe:
                 indices = probe_indices(len(every), n_prompts)
                 self.image_sets[owner] = ProbeImageSet(owner, indices, [every[i] for i in indices],
                                                        specs[owner].generation)
-            given = (scorers or {}).get(name)
-            self.scorers[name] = given if given is not None else build_scorer(spec.scorer, **spec.scorer_options)
+            self.scorers[name] = build_scorer(spec.scorer, **spec.scorer_options)
 
     def sample(self, policy: Any) -> dict[str, torch.Tensor]:
         """The probe's images by image set: one ODE sample per prompt, in one batch per set, without autograd."""
