@@ -119,7 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every process (default: torch's own for "
                         "1 process, CPU cores // N for N)")
     parser.add_argument("--checkpoint", default="mini:base")
-    parser.add_argument("--benchmarks", help="comma-separated (default: every mini benchmark)")
+    parser.add_argument("--benchmarks", help="comma-separated, or all (default: evaluate's, Table 1's four mini ones)")
     parser.add_argument("--limit", type=int, help="first N prompts of each benchmark")
     parser.add_argument("--batch-size", type=int, help="evaluate's --batch-size (default: its own)")
     parser.add_argument("--device", default="cpu")
