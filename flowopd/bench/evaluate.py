@@ -178,7 +178,7 @@ def evaluate(
         checkpoint.check_exists()
     names = _benchmark_names(benchmarks, checkpoint)
     if batch_size is None:  # the mini model is small: large batches are much faster on a CPU
-        batch_size = 64 if checkpoint is None or checkpoint.is_mini else 8
+        batch_size = 64 if _is_mini(checkpoint) else 8
     specs = [_with_generation(get_spec(name), generation) for name in names]  # fail early on unknown names
     # a training run or checkpoint directory is recorded (and its images cached) under the adapter it resolves
     # to, so that a run that has trained further is not mistaken for the one evaluated before

@@ -243,6 +243,11 @@ def plot_gradient_cosines(
         ax.axis("off")
     axes[0, 0].set_ylabel("cosine of task gradients")
     axes[0, 0].legend(fontsize=8)
+    return _save_figure(plt, fig, out_png)
+
+
+def _save_figure(plt: Any, fig: Any, out_png: str | Path) -> Path:
+    """Lay out, write (making the directory) and close a figure; returns the file."""
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,12 +289,7 @@ def _plot_panels(
     if ylabel:
         axes[0, 0].set_ylabel(ylabel)
     next(ax for ax in axes.flat if ax.lines).legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save_figure(plt, fig, out_png)
 
 
 def plot_task_rewards(

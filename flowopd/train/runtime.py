@@ -267,6 +267,11 @@ class Run:
                 metrics.update(self.probe())
             self.history.append(self.log({"iteration": 0, **metrics}))
 
+    def due(self, every: int, iteration: int) -> bool:
+        """Whether a periodic task (``every`` iterations, 0 = never) runs after ``iteration``: at its multiples
+        and at the last iteration."""
+        return bool(every) and (iteration % every == 0 or iteration == self.config.num_iterations)
+
     def iterations(self) -> range:
         """The iterations still to run (1-based)."""
         return range(self.start + 1, self.config.num_iterations + 1)
@@ -289,17 +294,13 @@ class Run:
             metrics.update({"iteration": iteration, "optimizer_step": self.step})
             self.log(metrics)
             raise divergence_error(problem, iteration, out_dir)
-        if iteration % config.save_every == 0 or iteration == config.num_iterations:
+        if self.due(config.save_every, iteration):
             path = out_dir / "checkpoints" / f"iteration-{iteration:06d}"
             self.save_checkpoint(path, {"iteration": iteration, "optimizer_step": self.step})
             self.checkpoints.append(path)
-        if config.eval_every and config.eval_benchmarks and (
-            iteration % config.eval_every == 0 or iteration == config.num_iterations
-        ):
+        if config.eval_benchmarks and self.due(config.eval_every, iteration):
             metrics.update(self.evaluate(iteration))
-        if config.monitor_probe_every and (
-            iteration % config.monitor_probe_every == 0 or iteration == config.num_iterations
-        ):
+        if self.due(config.monitor_probe_every, iteration):
             metrics.update(self.probe())
         metrics.update({"iteration": iteration, "optimizer_step": self.step,
                         "time/iteration_s": time.perf_counter() - t0})
@@ -344,8 +345,7 @@ class Run:
         config, metrics = self.config, {}
         if self.is_main_process:
             t0 = time.perf_counter()
-            self.model.eval()
-            with unwrapped(self.policy, self.model), self.ema_applied():
+            with self.sampling_model(), self.ema_applied():
                 results = evaluate(
                     checkpoint=None, policy=self.policy, benchmarks=config.eval_benchmarks,
                     out=self.out_dir / "eval" / f"iteration-{iteration:06d}", limit=config.eval_limit,
@@ -359,6 +359,18 @@ class Run:
         self.accelerator.wait_for_everyone()
         return metrics
 
+    @contextlib.contextmanager
+    def sampling_model(self) -> Iterator[None]:
+        """The network unwrapped (:func:`unwrapped`) and in eval mode for a while, then back in the mode it was in:
+        what the evaluation and the probe sample with."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with unwrapped(self.policy, self.model):
+                yield
+        finally:
+            self.model.train(training)
+
     def probe(self) -> dict[str, float]:
         """The hacking monitor's probe set (:mod:`flowopd.train.probe`) sampled with the live adapter and scored:
         ``monitor/probe/<benchmark>`` and ``time/probe_s``, main process only. The network is unwrapped, in eval
@@ -366,13 +378,8 @@ class Run:
         metrics: dict[str, float] = {}
         if self.is_main_process and self.probe_set is not None:
             t0 = time.perf_counter()
-            training = self.model.training
-            self.model.eval()
-            try:
-                with unwrapped(self.policy, self.model), torch.no_grad():
-                    metrics = self.probe_set(self.policy)
-            finally:
-                self.model.train(training)
+            with self.sampling_model(), torch.no_grad():
+                metrics = self.probe_set(self.policy)
             metrics["time/probe_s"] = time.perf_counter() - t0
         self.accelerator.wait_for_everyone()
         return metrics
