@@ -174,6 +174,21 @@ def test_a_run_directory_without_checkpoints_is_refused(capsys, tmp_path):
     assert f"{tmp_path / 'run'}: a training run directory without checkpoints" in line
 
 
+def test_a_pretrain_run_directory_is_its_final_model(tmp_path):
+    """pretrain writes the final model.safetensors + config.json beside its resumable checkpoints/step_N.pt: the
+    directory is evaluated as that model, and the resumable states are no part of its identity."""
+    run = tmp_path / "pretrain"
+    (run / "checkpoints").mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(ASSETS_DIR / "base" / f, run / f)
+    (run / "checkpoints" / "step_0000010.pt").write_bytes(b"resumable state")
+    ckpt = resolve_checkpoint(str(run))
+    assert (ckpt.kind, ckpt.path) == ("mini", run)
+    assert sorted(ckpt.identity["files"]) == ["config.json", "model.safetensors"]
+    base_files = resolve_checkpoint("mini:base").identity["files"]
+    assert all(ckpt.identity["files"][f] == base_files[f] for f in ckpt.identity["files"])
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     ("{not json", "adapter_config.json: not valid JSON"),
     ('["mini:base"]', "adapter_config.json: expected a JSON object, got list"),

@@ -1,10 +1,10 @@
 """Resolve a CHECKPOINT argument once, to a :class:`Checkpoint`, and load it as a Policy.
 
 Accepted forms: ``mini:NAME`` (a committed mini-world checkpoint or adapter under flowopd/assets/mini/),
-a mini checkpoint directory, a diffusers SD3 directory or hub id, a LoRA adapter directory (peft format)
-whose base is named by ``--base`` or by its ``adapter_config.json``, and the training outputs that hold one:
-a checkpoint ``RUN/checkpoints/iteration-N`` (its ``adapter/``) or a run directory ``RUN`` (the adapter of
-its newest checkpoint, as ``python -m flowopd.train publish`` takes it).
+a mini checkpoint directory (a pretrain run's directory: its final model), a diffusers SD3 directory or hub id,
+a LoRA adapter directory (peft format) whose base is named by ``--base`` or by its ``adapter_config.json``, and
+the training outputs that hold one: a checkpoint ``RUN/checkpoints/iteration-N`` (its ``adapter/``) or a run
+directory ``RUN`` (the adapter of its newest checkpoint, as ``python -m flowopd.train publish`` takes it).
 
 :func:`resolve_checkpoint` reads the file system once - where the model lies, which kind it is, an adapter's base -
 and returns a frozen :class:`Checkpoint`; the evaluation harness, the image cache and :func:`load_policy` take that
@@ -43,7 +43,7 @@ def model_dir(checkpoint: str) -> Path:
     ``adapter/`` or a run directory's newest ``checkpoints/iteration-N/adapter``. A path that is none of
     these (a model directory, a hub id, a missing path) is returned as :func:`checkpoint_dir` gives it."""
     path = checkpoint_dir(checkpoint)
-    if (path / "checkpoints").is_dir() and not (path / "adapter_config.json").is_file():
+    if (path / "checkpoints").is_dir() and not (path / "adapter_config.json").is_file() and not _is_model(path):
         found = sorted((path / "checkpoints").glob("iteration-[0-9]*[0-9]"))
         if not found:
             raise FileNotFoundError(f"{checkpoint}: a training run directory without checkpoints "
@@ -52,6 +52,12 @@ def model_dir(checkpoint: str) -> Path:
     if (path / "adapter" / "adapter_config.json").is_file() and not (path / "adapter_config.json").is_file():
         path = path / "adapter"
     return path
+
+
+def _is_model(path: Path) -> bool:
+    """A directory holding a whole model at its top (a pretrain run's final model.safetensors + config.json beside
+    its resumable ``checkpoints/step_N.pt``), which is the model it names, not a run to look into."""
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -134,6 +140,7 @@ class Checkpoint:
             for f in sorted(path.rglob("*"))
             if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES
             and not any(p.startswith(".") for p in f.relative_to(path).parts)
+            and not (self.kind == "mini" and f.relative_to(path).parts[0] == "checkpoints")
         }
         if not files:
             raise FileNotFoundError(f"{self.label}: {path} holds no model files ({', '.join(MODEL_FILE_SUFFIXES)})")
