@@ -40,3 +40,14 @@ for job in $JOBS; do
   if [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-3}" ]; then wait -n; fi
 done
 wait
+
+# Added after the runs (not part of the pre-registered rule): the base's own evaluations, the reference for
+# diversity.py/table.py (is a lower diversity with MAR a collapse, or a return toward the base?).
+"$PY" -m flowopd.bench evaluate mini:base --out runs/mar-hacking/eval/base \
+  --benchmarks mini-geneval,mini-ocr,mini-quality,mini-pick,mini-compbench --no-progress
+FLOWOPD_BENCHMARKS_DIR=training/val_benchmarks "$PY" -m flowopd.bench evaluate mini:base \
+  --out runs/mar-hacking/eval/val-base --benchmarks "$VAL" --no-progress
+for d in base val-base; do
+  rm -rf "${OUT:?}/$d"; mkdir -p "$OUT/$d"
+  cp -r "runs/mar-hacking/eval/$d/results.json" "runs/mar-hacking/eval/$d/scores" "$OUT/$d/"
+done

@@ -1,9 +1,9 @@
 """The 3-seed MAR hacking ablation's table (README.md of this directory; the rule was written before the runs).
 
-Reads the committed evaluations (val-mar-W[-sS]/, mar-W[-sS]/) and diversity.csv; writes table.md. Quality and
-pick differences are `flowopd.bench.compare`'s paired prompt bootstrap (the seeds pooled as replicates); the
-diversity difference is a paired bootstrap over the prompts of every image set (each prompt's diversity averaged
-over the seeds), 2000 draws, seed 0, percentile 95 % interval, as compare's.
+Reads the committed evaluations (val-mar-W[-sS]/, mar-W[-sS]/; base/ and val-base/ for reference) and
+diversity.csv; writes table.md. Quality and pick differences are `flowopd.bench.compare`'s paired prompt bootstrap
+(the seeds pooled as replicates); the diversity difference is a paired bootstrap over the prompts of every image
+set (each prompt's diversity averaged over the seeds), 2000 draws, seed 0, percentile 95 % interval, as compare's.
 
     python reports/mini/mar-hacking/table.py
 """
@@ -31,9 +31,13 @@ def name(split: str, w: str, seed: int) -> str:
     return f"{SPLITS[split][0]}{w}" + ("" if seed == 42 else f"-s{seed}")
 
 
-def value(split: str, w: str, seed: int, bench: str) -> float:
-    res = json.loads((HERE / name(split, w, seed) / "results.json").read_text())
+def value_of(run: str, bench: str) -> float:
+    res = json.loads((HERE / run / "results.json").read_text())
     return res["benchmarks"][bench]["metrics"]["mean"]["value"]
+
+
+def value(split: str, w: str, seed: int, bench: str) -> float:
+    return value_of(name(split, w, seed), bench)
 
 
 def fmt(d: float, lo: float, hi: float, digits: int = 3) -> str:
@@ -82,6 +86,10 @@ def main() -> int:
                 dv = np.mean(list(div[name(split, w, s)].values()))
                 lines.append(f"| {w} | {s} | {value(split, w, s, q):.3f} | {value(split, w, s, p):.3f} | "
                              f"{value(split, w, s, g):.3f} | {dv:.4f} |")
+        base = "val-base" if split == "val" else "base"
+        if base in div:
+            lines.append(f"| base (mini:base) | - | {value_of(base, q):.3f} | {value_of(base, p):.3f} | "
+                         f"{value_of(base, g):.3f} | {np.mean(list(div[base].values())):.4f} |")
         lines += ["", "MAR(W) - no MAR, paired over prompts (`compare`; diversity: this script):", "",
                   f"| MAR weight | seeds | {q} | {p} | diversity |", "|---|---|---|---|---|"]
         for w in WEIGHTS[1:]:
