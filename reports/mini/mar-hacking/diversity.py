@@ -15,10 +15,9 @@ import csv
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from flowopd.bench.images import load_png
 from flowopd.train.monitor import group_diversity
 
 HERE = Path(__file__).resolve().parent
@@ -28,8 +27,7 @@ def prompt_diversity(sample_dir: Path) -> tuple[int, float]:
     files = sorted(sample_dir.glob("*.png"))
     if len(files) < 2:
         raise SystemExit(f"{sample_dir}: {len(files)} image(s); diversity needs at least 2 per prompt")
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0)
-                          .permute(2, 0, 1) for f in files])
+    images = torch.stack([load_png(f) for f in files])
     return len(files), group_diversity(images, [0] * len(files))
 
 

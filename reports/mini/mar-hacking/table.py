@@ -45,7 +45,7 @@ def fmt(d: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}"
 
 
-def quality_diff(split: str, w: str, seeds: tuple[int, ...], bench: str) -> str:
+def paired_diff(split: str, w: str, seeds: tuple[int, ...], bench: str) -> str:
     a = [str(HERE / name(split, w, s)) for s in seeds]
     b = [str(HERE / name(split, "0", s)) for s in seeds]
     row = next(r for r in compare_runs(a if len(a) > 1 else a[0], b if len(b) > 1 else b[0], [bench])
@@ -95,8 +95,8 @@ def main() -> int:
         for w in WEIGHTS[1:]:
             for seeds in [(s,) for s in SEEDS] + [SEEDS]:
                 label = "pooled" if len(seeds) > 1 else str(seeds[0])
-                lines.append(f"| {w} | {label} | {quality_diff(split, w, seeds, q)} | "
-                             f"{quality_diff(split, w, seeds, p)} | {diversity_diff(div, split, w, seeds)[1]} |")
+                lines.append(f"| {w} | {label} | {paired_diff(split, w, seeds, q)} | "
+                             f"{paired_diff(split, w, seeds, p)} | {diversity_diff(div, split, w, seeds)[1]} |")
         lines.append("")
     lines += ["## The rule (README.md), on validation", ""]
     for w in WEIGHTS[1:]:
