@@ -2,7 +2,7 @@
 
 Reads the committed validation evaluations (val-{shared,indep}-N/; mini:base and the shared arm's iteration 24
 are ../base-3000's val-base-1500/ and val-grpo-ocr-base-1500/, the same evaluations) and the runs' metrics
-(the shared arm's iterations 1-24 are ../base-3000/grpo-ocr-base-1500.metrics.jsonl, 25-48 its resumption here).
+(the shared arm's iterations 1-24 are ../base-3000/grpo-ocr-base-1500.metrics.jsonl, 25-72 its resumptions here).
 Differences are `flowopd.bench.compare`'s paired prompt bootstrap (2000 draws, seed 0): every checkpoint against
 mini:base, and independent against shared at equal iterations (the same 1,068 validation strings and seeds).
 
@@ -21,7 +21,7 @@ from flowopd.bench.compare import compare_runs
 HERE = Path(__file__).resolve().parent
 BENCH = "mini-ocr-val"
 ARMS = ("shared", "indep")
-WINDOWS = ((1, 12), (13, 24), (25, 36), (37, 48))
+WINDOWS = ((1, 12), (13, 24), (25, 36), (37, 48), (49, 60), (61, 72))
 
 
 def fmt(row: dict) -> str:
@@ -47,7 +47,7 @@ def value(run: str) -> float:
 
 
 def metrics(arm: str) -> dict[int, dict]:
-    files = ([HERE / "../base-3000/grpo-ocr-base-1500.metrics.jsonl", HERE / "grpo-ocr-shared-25-48.metrics.jsonl"]
+    files = ([HERE / "../base-3000/grpo-ocr-base-1500.metrics.jsonl", HERE / "grpo-ocr-shared-25-72.metrics.jsonl"]
              if arm == "shared" else [HERE / f"grpo-ocr-{arm}.metrics.jsonl"])
     rows = (json.loads(line) for f in files for line in f.read_text().splitlines() if line)
     return {int(r["iteration"]): r for r in rows if "reward/total" in r}
