@@ -12,7 +12,14 @@ import pytest
 
 from flowopd.bench.aggregate import aggregate
 from flowopd.bench.cli import main
-from flowopd.bench.compare import compare_combined, compare_runs, paired_difference, table_weights
+from flowopd.bench.compare import (
+    compare_combined,
+    compare_runs,
+    format_difference,
+    mean_difference,
+    paired_difference,
+    table_weights,
+)
 from flowopd.bench.results import load_results, new_results, save_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +173,25 @@ def test_compare_runs_rows(runs):
     assert ocr["diff"] == pytest.approx(0.1, abs=1e-12) and ocr["significant"] and ocr["n"] == 32
     only = compare_runs(run_a, run_b, benchmarks=["mini-ocr"], n_boot=50)
     assert [r["benchmark"] for r in only] == ["mini-ocr"]
+
+
+def test_format_difference_marks_intervals_that_exclude_zero():
+    assert format_difference(0.0123, 0.0031, 0.0224) == "+0.012 [+0.003, +0.022]*"
+    assert format_difference(-0.02, -0.05, -0.001) == "-0.020 [-0.050, -0.001]*"
+    assert format_difference(0.002, -0.008, 0.012) == "+0.002 [-0.008, +0.012]"
+    # a difference that rounds to zero is not written "-0.000"; digits widen every number
+    assert format_difference(-0.0004, -0.011, 0.011) == "+0.000 [-0.011, +0.011]"
+    assert format_difference(0.00123, 0.0001, 0.0025, digits=4) == "+0.0012 [+0.0001, +0.0025]*"
+
+
+def test_mean_difference_is_the_formatted_mean_row(runs):
+    run_a, run_b = runs
+    row = next(r for r in compare_runs(run_a, run_b, ["mini-ocr"]) if r["metric"] == "mean")
+    cell = mean_difference(run_a, run_b, "mini-ocr")
+    assert cell == format_difference(row["diff"], row["ci_low"], row["ci_high"])
+    assert cell.startswith("+0.100 [") and cell.endswith("*")
+    with pytest.raises(ValueError, match="mini-pick"):
+        mean_difference(run_a, run_b, "mini-pick")
 
 
 def test_compare_runs_refuses_unpairable_runs(runs, tmp_path):

@@ -389,11 +389,25 @@ def compare_combined(
             "significant": bool(diff.ci_low > 0 or diff.ci_high < 0), "n_boot": n_boot, "seed": seed}
 
 
-def _fmt(value: float, signed: bool = False) -> str:
+def _fmt(value: float, signed: bool = False, digits: int = 3) -> str:
     if value is None or math.isnan(value):
         return "-"
-    value = round(value, 3) + 0.0  # no "-0.000" for a difference that rounds to zero
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
+    value = round(value, digits) + 0.0  # no "-0.000" for a difference that rounds to zero
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def format_difference(diff: float, ci_low: float, ci_high: float, digits: int = 3) -> str:
+    """``+0.012 [+0.003, +0.022]*``: a paired difference with its 95% interval, ``*`` where it excludes 0
+    (the cell the reports' tables write for a row of :func:`compare_runs` or any such interval)."""
+    star = "*" if ci_low > 0 or ci_high < 0 else ""
+    return (f"{_fmt(diff, True, digits)} [{_fmt(ci_low, True, digits)}, {_fmt(ci_high, True, digits)}]"
+            f"{star}")
+
+
+def mean_difference(run_a: RunArg, run_b: RunArg, benchmark: str, digits: int = 3) -> str:
+    """:func:`format_difference` of the ``mean`` row of ``compare_runs(run_a, run_b, [benchmark])``."""
+    row = next(r for r in compare_runs(run_a, run_b, [benchmark]) if r["metric"] == "mean")
+    return format_difference(row["diff"], row["ci_low"], row["ci_high"], digits)
 
 
 def markdown_comparison(rows: Sequence[dict[str, Any]], name_a: str, name_b: str, n_boot: int = 2000) -> str:

@@ -11,14 +11,14 @@ set (each prompt's diversity averaged over the seeds), 2000 draws, seed 0, perce
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from flowopd.bench.compare import compare_runs
+from flowopd.bench.compare import format_difference, mean_difference
+from flowopd.bench.results import load_results
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = ("0", "0.04", "0.4")
@@ -32,25 +32,17 @@ def name(split: str, w: str, seed: int) -> str:
 
 
 def value_of(run: str, bench: str) -> float:
-    res = json.loads((HERE / run / "results.json").read_text())
-    return res["benchmarks"][bench]["metrics"]["mean"]["value"]
+    return load_results(HERE / run)["benchmarks"][bench]["metrics"]["mean"]["value"]
 
 
 def value(split: str, w: str, seed: int, bench: str) -> float:
     return value_of(name(split, w, seed), bench)
 
 
-def fmt(d: float, lo: float, hi: float, digits: int = 3) -> str:
-    star = "*" if lo > 0 or hi < 0 else ""
-    return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}"
-
-
 def paired_diff(split: str, w: str, seeds: tuple[int, ...], bench: str) -> str:
     a = [str(HERE / name(split, w, s)) for s in seeds]
     b = [str(HERE / name(split, "0", s)) for s in seeds]
-    row = next(r for r in compare_runs(a if len(a) > 1 else a[0], b if len(b) > 1 else b[0], [bench])
-               if r["metric"] == "mean")
-    return fmt(row["diff"], row["ci_low"], row["ci_high"])
+    return mean_difference(a if len(a) > 1 else a[0], b if len(b) > 1 else b[0], bench)
 
 
 def load_diversity() -> dict[str, dict[tuple[str, int], float]]:
@@ -69,7 +61,7 @@ def diversity_diff(div, split: str, w: str, seeds: tuple[int, ...]) -> tuple[flo
     draw = np.random.default_rng(0).integers(0, len(d), size=(2000, len(d)))
     lo, hi = np.percentile(d[draw].mean(axis=1), [2.5, 97.5])
     rel = f" ({100 * d.mean() / b.mean():+.1f} % [{100 * lo / b.mean():+.1f}, {100 * hi / b.mean():+.1f}])"
-    return float(d.mean()), fmt(float(d.mean()), float(lo), float(hi), digits=4) + rel
+    return float(d.mean()), format_difference(float(d.mean()), float(lo), float(hi), digits=4) + rel
 
 
 def main() -> int:

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from flowopd.bench.compare import compare_runs
+from flowopd.bench.compare import mean_difference
+from flowopd.bench.results import load_results
 
 HERE = Path(__file__).resolve().parent
 BENCH = "mini-ocr-val"
 ARMS = ("shared", "indep")
 WINDOWS = ((1, 12), (13, 24), (25, 36), (37, 48), (49, 60), (61, 72))
-
-
-def fmt(row: dict) -> str:
-    star = "*" if row["ci_low"] > 0 or row["ci_high"] < 0 else ""
-    return f"{row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]{star}"
 
 
 # evaluations made for ../base-3000 that this table shares (the same checkpoints, not re-run)
@@ -38,12 +34,11 @@ def path(run: str) -> Path:
 
 
 def diff(a: str, b: str) -> str:
-    rows = compare_runs(str(path(a)), str(path(b)), [BENCH])
-    return fmt(next(r for r in rows if r["metric"] == "mean"))
+    return mean_difference(path(a), path(b), BENCH)
 
 
 def value(run: str) -> float:
-    return json.loads((path(run) / "results.json").read_text())["benchmarks"][BENCH]["metrics"]["mean"]["value"]
+    return load_results(path(run))["benchmarks"][BENCH]["metrics"]["mean"]["value"]
 
 
 def metrics(arm: str) -> dict[int, dict]:
